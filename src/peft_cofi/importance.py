@@ -1,0 +1,140 @@
+"""Unit importance: the object and its file format.
+
+An importance set holds, per module, one raw (un-normalised) score per output unit: a 1-D float tensor of length
+``out_features`` (or one score per head for attention projections). Keys are module names as
+``base_model.named_modules()`` reports them, e.g. ``"model.layers.9.mlp.up_proj"``.
+
+File format (safetensors, tensors only, never pickle):
+
+- one float32 tensor per module, named by the module name;
+- header metadata (strings): ``format = "peft-cofi-importance"``, ``format_version = "1"``, ``tokens`` (how many
+  tokens the scores were accumulated over), ``method`` and any other provenance the producer adds.
+
+Example:
+    >>> import torch, tempfile, os
+    >>> imp = UnitImportance({"model.layers.0.mlp.up_proj": torch.rand(8)}, tokens=128, method="kl-dropout")
+    >>> path = os.path.join(tempfile.mkdtemp(), "importance.safetensors")
+    >>> imp.save(path)
+    >>> UnitImportance.load(path).tokens
+    128
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FORMAT_NAME = "peft-cofi-importance"
+FORMAT_VERSION = "1"
+# Prefixes a wrapped model adds in front of the base model's module names.
+_WRAPPER_PREFIXES = ("base_model.model.",)
+
+
+class UnitImportance:
+    """Raw per-unit importance scores of some modules, with provenance.
+
+    Args:
+        scores: module name -> 1-D tensor of raw scores (one per output unit, or per head).
+        tokens: number of tokens the scores were accumulated over (0 when unknown).
+        **metadata: extra string-able provenance (``method``, ``model``, ``data`` ...).
+
+    Example:
+        >>> imp = UnitImportance({"fc": torch.tensor([0.1, 0.5])})
+        >>> imp["fc"].tolist()
+        [0.10000000149011612, 0.5]
+    """
+
+    def __init__(self, scores: Mapping[str, torch.Tensor], tokens: int = 0, **metadata: object) -> None:
+        clean: dict[str, torch.Tensor] = {}
+        for name, value in scores.items():
+            tensor = torch.as_tensor(value).detach().to("cpu", torch.float32)
+            if tensor.dim() != 1 or tensor.numel() == 0:
+                raise ValueError(
+                    f"importance for {name!r} must be a non-empty 1-D tensor (one score per unit); "
+                    f"got shape {tuple(tensor.shape)}."
+                )
+            clean[_strip_wrapper_prefix(name)] = tensor.contiguous()
+        if not clean:
+            raise ValueError("an importance set needs scores for at least one module.")
+        self.scores = clean
+        self.tokens = int(tokens)
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+
+    def __getitem__(self, module_name: str) -> torch.Tensor:
+        return self.scores[module_name]
+
+    def __contains__(self, module_name: object) -> bool:
+        return module_name in self.scores
+
+    def __repr__(self) -> str:
+        return f"UnitImportance({len(self.scores)} modules, tokens={self.tokens}, metadata={self.metadata})"
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the scores and metadata to a safetensors file (see the module docstring for the format)."""
+        metadata = {
+            **self.metadata,
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "tokens": str(self.tokens),
+        }
+        save_file(self.scores, str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> UnitImportance:
+        """Read an importance file written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: the path does not exist.
+            ValueError: the file is not a peft-cofi importance file, or has an unsupported version.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"importance file {str(path)!r} does not exist.")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+                scores = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{str(path)!r} is not a readable safetensors importance file: {error}") from error
+        if metadata.get("format") != FORMAT_NAME:
+            raise ValueError(f"{str(path)!r} is not a peft-cofi importance file (format={metadata.get('format')!r}).")
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{str(path)!r} has importance format version {metadata.get('format_version')!r}; "
+                f"this peft-cofi reads version {FORMAT_VERSION}. Upgrade peft-cofi or recompute the importance."
+            )
+        tokens = int(metadata.pop("tokens", 0))
+        for key in ("format", "format_version"):
+            metadata.pop(key)
+        return cls(scores, tokens=tokens, **metadata)
+
+
+def as_importance(source: object) -> UnitImportance:
+    """Turn a path, a mapping of scores or a :class:`UnitImportance` into a :class:`UnitImportance`.
+
+    Example:
+        >>> as_importance({"fc": torch.ones(3)}).tokens
+        0
+    """
+    if isinstance(source, UnitImportance):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return UnitImportance.load(source)
+    if isinstance(source, Mapping):
+        return UnitImportance(source)
+    raise TypeError(
+        f"importance must be a path to an importance file, a UnitImportance, or a dict of module name -> scores; "
+        f"got {type(source).__name__}."
+    )
+
+
+def _strip_wrapper_prefix(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name

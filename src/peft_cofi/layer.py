@@ -1,0 +1,180 @@
+"""The CoFi tuner layer: a masked weight diff on one ``nn.Linear`` or GPT-2 ``Conv1D``.
+
+Per adapter the layer holds a trainable diff ``D`` (float32, shape ``(out_features, in_features)`` for both layer
+types) and per-row mask factors ``s`` (a buffer). The effective weight is ``W0 + s * D`` in ``"update"`` mode
+(Adam's step on ``D`` is scale-free, so each row's change is scaled by ``s``) and ``W0 + D`` with gradient rows
+multiplied by ``s`` in ``"grad"`` mode (the paper's). The base weight is never modified unless merged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass; multiplies gradient rows by ``scale`` in the backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return delta.view_as(delta)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (scale,) = ctx.saved_tensors
+        return grad * scale.unsqueeze(1).to(grad.dtype), None
+
+
+class CoFiLayer(BaseTunerLayer):
+    """State and merge logic shared by CoFi layers (see the module docstring)."""
+
+    adapter_layer_names = ("cofi_delta",)
+    other_param_names = ("cofi_mask", "cofi_mask_mode")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        self.base_layer = base_layer
+        self.cofi_delta = nn.ParameterDict({})
+        self.cofi_mask = BufferDict({}, persistent=True)
+        self.cofi_mask_mode: dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        base = self.get_base_layer()
+        self.is_conv1d = isinstance(base, Conv1D)
+        out_features, in_features = self._oriented(base.weight).shape
+        self.in_features, self.out_features = in_features, out_features
+
+    def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` as ``(out_features, in_features)``: Conv1D stores it transposed."""
+        return weight.T if self.is_conv1d else weight
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        mask_factors: torch.Tensor,
+        mask_mode: str,
+        init_weights: bool = True,
+        inference_mode: bool = False,
+    ) -> None:
+        """Create (or replace) the diff and mask factors of ``adapter_name``."""
+        if mask_factors.shape != (self.out_features,):
+            raise ValueError(
+                f"mask factors of shape {tuple(mask_factors.shape)} do not match the layer's "
+                f"{self.out_features} output rows."
+            )
+        shape = (self.out_features, self.in_features)
+        device = self.get_base_layer().weight.device
+        if init_weights or device.type == "meta":
+            delta = torch.zeros(shape, dtype=torch.float32, device=device)
+        else:
+            # A random non-identity adapter for tests, scaled like the base weights.
+            scale = self.get_base_layer().weight.detach().float().std().clamp(min=1e-3)
+            delta = torch.randn(shape, dtype=torch.float32, device=device) * scale
+        self.cofi_delta[adapter_name] = nn.Parameter(delta)
+        self.cofi_mask[adapter_name] = mask_factors.detach().to(torch.float32).clone()
+        self.cofi_mask_mode[adapter_name] = mask_mode
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        # Move to the base layer's device but keep float32: the trainable state and mask stay full precision even
+        # when the base weights are fp16/bf16.
+        weight = self.get_base_layer().weight
+        target = device if device is not None else weight.device
+        if target.type == "meta":
+            return
+        if adapter_name in self.cofi_delta and self.cofi_delta[adapter_name].device.type != "meta":
+            self.cofi_delta[adapter_name] = self.cofi_delta[adapter_name].to(target)
+        if adapter_name in self.cofi_mask:
+            self.cofi_mask[adapter_name] = self.cofi_mask[adapter_name].to(target)
+
+    def effective_delta(self, adapter_name: str) -> torch.Tensor:
+        """The weight change ``W_tuned - W_base`` of one adapter, ``(out_features, in_features)``, with autograd."""
+        delta = self.cofi_delta[adapter_name]
+        scale = self.cofi_mask[adapter_name].to(delta.device)
+        if self.cofi_mask_mode[adapter_name] == "update":
+            return delta * scale.unsqueeze(1).to(delta.dtype)
+        return _ScaleGrad.apply(delta, scale)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The detached weight change of one adapter in the base weight's own orientation and dtype."""
+        base_weight = self.get_base_layer().weight
+        with torch.no_grad():
+            return self._oriented(self.effective_delta(adapter_name)).detach().to(base_weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the diffs of ``adapter_names`` (default: the active ones) into the base weight."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base_weight = self.get_base_layer().weight
+        for name in adapter_names:
+            if name not in self.cofi_delta:
+                continue
+            delta = self.get_delta_weight(name)
+            if safe_merge:
+                merged = base_weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"merging adapter {name!r} gives NaN or inf weights; the adapter is broken.")
+                base_weight.data = merged
+            else:
+                base_weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract merged diffs again (exact up to floating-point rounding of the add/subtract)."""
+        base_weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.cofi_delta:
+                base_weight.data -= self.get_delta_weight(name)
+
+
+class Linear(nn.Module, CoFiLayer):
+    """A CoFi-adapted ``nn.Linear`` or ``Conv1D``.
+
+    Example:
+        >>> layer = Linear(nn.Linear(4, 3), "default", torch.ones(3), "update")
+        >>> layer(torch.ones(2, 4)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        mask_factors: torch.Tensor,
+        mask_mode: str,
+        init_weights: bool = True,
+        inference_mode: bool = False,
+    ) -> None:
+        super().__init__()
+        CoFiLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, mask_factors, mask_mode, init_weights, inference_mode)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.cofi_delta]
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        base_weight = self._oriented(base.weight)
+        delta = self.effective_delta(active[0])
+        for name in active[1:]:
+            delta = delta + self.effective_delta(name)
+        # One matmul with the combined weight: the same cost as training the module in full.
+        weight = (base_weight.to(delta.dtype) + delta).to(base_weight.dtype)
+        return F.linear(x, weight, base.bias)
+
+    def __repr__(self) -> str:
+        return "cofi." + super().__repr__()
