@@ -8,7 +8,8 @@ File format (safetensors, tensors only, never pickle):
 
 - one float32 tensor per module, named by the module name;
 - header metadata (strings): ``format = "peft-cofi-importance"``, ``format_version = "1"``, ``tokens`` (how many
-  tokens the scores were accumulated over), ``method`` and any other provenance the producer adds.
+  tokens the scores were accumulated over), ``normalized`` (``"true"`` when the tensors already hold importances
+  in [0, 1], as :meth:`UnitImportance.combine` produces), ``method`` and any other provenance the producer adds.
 
 Example:
     >>> import torch, tempfile, os
@@ -22,12 +23,14 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .mask import combine_importance, normalize_importance
 
 FORMAT_NAME = "peft-cofi-importance"
 FORMAT_VERSION = "1"
@@ -41,6 +44,7 @@ class UnitImportance:
     Args:
         scores: module name -> 1-D tensor of raw scores (one per output unit, or per head).
         tokens: number of tokens the scores were accumulated over (0 when unknown).
+        normalized: the tensors already hold normalised importances in [0, 1] rather than raw scores.
         **metadata: extra string-able provenance (``method``, ``model``, ``data`` ...).
 
     Example:
@@ -49,7 +53,9 @@ class UnitImportance:
         [0.10000000149011612, 0.5]
     """
 
-    def __init__(self, scores: Mapping[str, torch.Tensor], tokens: int = 0, **metadata: object) -> None:
+    def __init__(
+        self, scores: Mapping[str, torch.Tensor], tokens: int = 0, normalized: bool = False, **metadata: object
+    ) -> None:
         clean: dict[str, torch.Tensor] = {}
         for name, value in scores.items():
             tensor = torch.as_tensor(value).detach().to("cpu", torch.float32)
@@ -63,6 +69,9 @@ class UnitImportance:
             raise ValueError("an importance set needs scores for at least one module.")
         self.scores = clean
         self.tokens = int(tokens)
+        self.normalized = bool(normalized)
+        if self.normalized and any(((t < 0) | (t > 1) | t.isnan()).any() for t in clean.values()):
+            raise ValueError("normalized importance must lie in [0, 1]; pass raw scores with normalized=False.")
         self.metadata = {k: str(v) for k, v in metadata.items()}
 
     def __getitem__(self, module_name: str) -> torch.Tensor:
@@ -72,7 +81,46 @@ class UnitImportance:
         return module_name in self.scores
 
     def __repr__(self) -> str:
-        return f"UnitImportance({len(self.scores)} modules, tokens={self.tokens}, metadata={self.metadata})"
+        kind = "normalized" if self.normalized else "raw"
+        return f"UnitImportance({len(self.scores)} modules, {kind}, tokens={self.tokens}, metadata={self.metadata})"
+
+    @classmethod
+    def combine(
+        cls, sets: Sequence[UnitImportance], sharpness: float = 1.0, normalization: str = "abs"
+    ) -> UnitImportance:
+        """Normalise each set per module and take the element-wise max (e.g. importance from several data sets).
+
+        The result holds normalised importances (``normalized=True``) for the modules present in every set. Scores
+        are normalised as stored: store per-head scores for head-pooled attention projections.
+
+        Example:
+            >>> a = UnitImportance({"fc": torch.tensor([0.0, 0.0, 1.0, 0.0])})
+            >>> b = UnitImportance({"fc": torch.tensor([1.0, 0.0, 0.0, 0.0])})
+            >>> combined = UnitImportance.combine([a, b])
+            >>> bool(combined["fc"][0] == combined["fc"][2] > combined["fc"][1])
+            True
+        """
+        if not sets:
+            raise ValueError("combine needs at least one importance set.")
+        common = [name for name in sets[0].scores if all(name in s for s in sets[1:])]
+        if not common:
+            raise ValueError("the importance sets share no module; combine sets computed for the same modules.")
+        scores = {}
+        for name in common:
+            try:
+                scores[name] = combine_importance(
+                    [s[name] if s.normalized else normalize_importance(s[name], sharpness, normalization) for s in sets]
+                )
+            except ValueError as error:
+                raise ValueError(f"cannot combine importance of module {name!r}: {error}") from error
+        return cls(
+            scores,
+            tokens=sum(s.tokens for s in sets),
+            normalized=True,
+            combined_from=len(sets),
+            sharpness=sharpness,
+            normalization=normalization,
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the scores and metadata to a safetensors file (see the module docstring for the format)."""
@@ -109,9 +157,10 @@ class UnitImportance:
                 f"this peft-cofi reads version {FORMAT_VERSION}. Upgrade peft-cofi or recompute the importance."
             )
         tokens = int(metadata.pop("tokens", 0))
+        normalized = metadata.pop("normalized", "false") == "true"
         for key in ("format", "format_version"):
             metadata.pop(key)
-        return cls(scores, tokens=tokens, **metadata)
+        return cls(scores, tokens=tokens, normalized=normalized, **metadata)
 
 
 def as_importance(source: object) -> UnitImportance:

@@ -119,11 +119,13 @@ def mask_factors(
     head_dim: int | None = None,
     num_query_heads: int | None = None,
     out_features: int | None = None,
+    normalized: Sequence[bool] = (),
 ) -> torch.Tensor:
     """Full pipeline for one module: raw score sets -> one mask factor in [0, 1] per output row.
 
     Without ``head_dim`` each score is one unit (row); with it, scores are pooled per head first and each head's
-    factor is repeated over its ``head_dim`` rows (``out_features`` is then required).
+    factor is repeated over its ``head_dim`` rows (``out_features`` is then required). ``normalized[i]`` marks a
+    set that already holds importances in [0, 1] (e.g. a combination of sets): it is not normalised again.
 
     Example:
         >>> factors = mask_factors([torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])])
@@ -136,7 +138,13 @@ def mask_factors(
         if out_features is None:
             raise ValueError("out_features is required when pooling scores per head.")
         score_sets = [pool_heads(s, out_features, head_dim, num_query_heads) for s in score_sets]
-    importance = combine_importance([normalize_importance(s, sharpness, normalization) for s in score_sets])
+    normalized = list(normalized) + [False] * (len(score_sets) - len(normalized))
+    importance = combine_importance(
+        [
+            s.float().clamp(0.0, 1.0) if done else normalize_importance(s, sharpness, normalization)
+            for s, done in zip(score_sets, normalized, strict=True)
+        ]
+    )
     factors = (1.0 - importance).clamp_(0.0, 1.0)
     if head_dim is not None:
         factors = factors.repeat_interleave(head_dim)

@@ -152,6 +152,7 @@ class CoFiModel(BaseTuner):
                     head_dim=head_dim if pooled else None,
                     num_query_heads=num_heads if pooled else None,
                     out_features=n_out,
+                    normalized=[imp.normalized for imp in importances],
                 )
             except ValueError as error:
                 raise ValueError(f"importance of module {name!r}: {error}") from error

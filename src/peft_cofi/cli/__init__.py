@@ -1,0 +1,42 @@
+"""The ``peft-cofi`` command line: one subcommand module per concern, each exposing ``register(subparsers)``.
+
+Example:
+    >>> main(["--version"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+
+# Subcommand modules, each with ``register(subparsers)`` that adds its commands and their handlers.
+_COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered."""
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="peft-cofi", description="CoFiTune adapters for Hugging Face peft.")
+    parser.add_argument("--version", action="version", version=f"peft-cofi {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code. Errors in the user's input print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"peft-cofi {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
