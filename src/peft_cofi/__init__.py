@@ -9,13 +9,31 @@ Example:
     'COFI'
 """
 
+__version__ = "0.1.0"
+
 from ._registration import COFI_PEFT_TYPE, register
+from .checkpoint import save_diff
 from .config import CoFiConfig
+from .diff_format import CheckpointError, read_diff_file
+from .export import export_lora, merge_into_base
+from .hub import push_to_hub
 from .importance import UnitImportance
 from .layer import CoFiLayer
 from .model import CoFiModel
 
-__version__ = "0.1.0"
-__all__ = ["COFI_PEFT_TYPE", "CoFiConfig", "CoFiLayer", "CoFiModel", "UnitImportance", "__version__"]
+__all__ = [
+    "COFI_PEFT_TYPE",
+    "CheckpointError",
+    "CoFiConfig",
+    "CoFiLayer",
+    "CoFiModel",
+    "UnitImportance",
+    "__version__",
+    "export_lora",
+    "merge_into_base",
+    "push_to_hub",
+    "read_diff_file",
+    "save_diff",
+]
 
 register()

@@ -36,8 +36,13 @@ def register() -> None:
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
+    from .checkpoint import install_io_hooks
     from .config import CoFiConfig
+    from .hub import install_push_hook
     from .model import CoFiModel
+
+    install_io_hooks()
+    install_push_hook()
 
     if PEFT_TYPE_TO_TUNER_MAPPING.get(COFI_PEFT_TYPE) is CoFiModel:
         return

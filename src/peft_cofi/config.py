@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME
 
+from .diff_format import STORAGES, VALUE_DTYPES
 from .importance import UnitImportance
 from .mask import NORMALIZATIONS
 from .windows import parse_window
@@ -51,6 +55,16 @@ class CoFiConfig(PeftConfig):
         modules_to_save: extra modules trained in full and saved, as in peft.
         init_weights: ``True`` starts from a zero diff (outputs equal the base model); ``False`` a random one
             (for tests).
+        storage: how ``save_pretrained`` stores each module's diff (docs/FORMAT.md): ``"dense"`` (exact),
+            ``"rows"`` (only rows whose change exceeds ``storage_tolerance`` x the largest row change, or the
+            ``storage_density`` fraction of rows that changed most) or ``"topk"`` (the ``storage_density``
+            fraction of largest-magnitude entries). Sparse storage is lossy: keep ``"dense"`` for checkpoints you
+            resume training from, and re-save sparse at the end (``peft_cofi.save_diff``).
+        storage_density: kept fraction in (0, 1] for ``"topk"`` (required) and optionally ``"rows"``.
+        storage_dtype: value dtype on disk: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        storage_tolerance: relative row-norm threshold of ``"rows"`` storage without a density.
+        verify_base: refuse to load a diff onto base weights whose fingerprints differ from those it was saved
+            with. Set ``False`` (e.g. ``PeftModel.from_pretrained(base, path, config=config)``) to apply it anyway.
 
     Example:
         >>> config = CoFiConfig(layers_to_transform="bottom2", mask_mode="update")
@@ -73,6 +87,11 @@ class CoFiConfig(PeftConfig):
     attention_modules: list[str] | None = field(default=None, metadata={"help": "Projections with head units."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
     init_weights: bool = field(default=True, metadata={"help": "False gives a random non-identity adapter."})
+    storage: Literal["dense", "rows", "topk"] = field(default="dense", metadata={"help": "Diff storage mode."})
+    storage_density: float | None = field(default=None, metadata={"help": "Kept fraction for sparse storage."})
+    storage_dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "dtype."})
+    storage_tolerance: float = field(default=1e-3, metadata={"help": "Row threshold of 'rows' storage."})
+    verify_base: bool = field(default=True, metadata={"help": "Check base-weight fingerprints on load."})
     target_parameters: list[str] | None = field(default=None, metadata={"help": "Unsupported; must be None."})
 
     def __post_init__(self) -> None:
@@ -101,6 +120,7 @@ class CoFiConfig(PeftConfig):
             raise ValueError(f"mask_sharpness={sharpness!r} must be a finite number > 0 (1.0 is the paper's).")
         self._check_layers()
         self._check_importance()
+        self._check_storage()
         if self.target_parameters is not None:
             raise ValueError("CoFi trains whole modules; target_parameters is not supported, use target_modules.")
 
@@ -119,6 +139,33 @@ class CoFiConfig(PeftConfig):
             raise ValueError(f"layers_to_transform={layers!r} must be a list of indices, an index >= 0 or a window.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only applies together with layers_to_transform; set both or neither.")
+
+    def _check_storage(self) -> None:
+        if self.storage not in STORAGES:
+            raise ValueError(f"storage={self.storage!r} is not supported; use one of {STORAGES}.")
+        if self.storage_dtype not in VALUE_DTYPES:
+            raise ValueError(
+                f"storage_dtype={self.storage_dtype!r} is not supported; use one of {sorted(VALUE_DTYPES)}."
+            )
+        density = self.storage_density
+        if density is not None and (
+            isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1
+        ):
+            raise ValueError(f"storage_density={density!r} must be a fraction in (0, 1], e.g. 0.1.")
+        if self.storage == "topk" and density is None:
+            raise ValueError("storage='topk' needs storage_density, the fraction of entries to keep (e.g. 0.1).")
+        if not (isinstance(self.storage_tolerance, (int, float)) and 0 <= self.storage_tolerance < 1):
+            raise ValueError(f"storage_tolerance={self.storage_tolerance!r} must be in [0, 1).")
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` atomically (temporary file + rename), so a failed save leaves the old one."""
+        os.makedirs(save_directory, exist_ok=True)
+        tmp_dir = tempfile.mkdtemp(prefix=".cofi-config-", dir=save_directory)
+        try:
+            super().save_pretrained(tmp_dir, **kwargs)
+            os.replace(os.path.join(tmp_dir, CONFIG_NAME), os.path.join(save_directory, CONFIG_NAME))
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
 
     def _check_importance(self) -> None:
         if self.importance is None or self.importance == CHECKPOINT_IMPORTANCE:

@@ -129,6 +129,7 @@ class UnitImportance:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "tokens": str(self.tokens),
+            "normalized": "true" if self.normalized else "false",
         }
         save_file(self.scores, str(path), metadata=metadata)
 

@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .checkpoint import decode_adapter_state, encode_adapter_state
 from .config import CHECKPOINT_IMPORTANCE, CoFiConfig
 from .importance import as_importance
 from .layer import SUPPORTED_LAYERS, CoFiLayer, Linear
@@ -187,38 +188,17 @@ class CoFiModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    # --- checkpoint mapping: the file holds the weight diff, the model holds the parametrisation ---
+    # --- checkpoint mapping: the file holds the weight diff (docs/FORMAT.md), the model its parametrisation ---
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        out = {}
-        for key, value in selected.items():
-            if ".cofi_delta." in key:
-                mask = selected[key.replace(".cofi_delta.", ".cofi_mask.")]
-                if config.mask_mode == "update":
-                    value = value * mask.to(value.device, value.dtype).unsqueeze(1)
-                key = key.replace(".cofi_delta.", ".cofi_diff.")
-            out[key] = value
-        return out
+        return encode_adapter_state(model, config, adapter_name, selected, state_dict)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        converted = {}
-        for key, value in state_dict.items():
-            if ".cofi_diff" in key:
-                key = key.replace(".cofi_diff", ".cofi_delta")
-                if config.mask_mode == "update":
-                    value = _diff_to_delta(value, state_dict[key.replace(".cofi_delta", ".cofi_mask")])
-            converted[key] = value
+        converted = decode_adapter_state(model, config, adapter_name, state_dict)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, converted)
-
-
-def _diff_to_delta(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Invert ``diff = mask * delta`` row-wise; rows with factor 0 cannot move, so their delta is 0."""
-    mask = mask.to(diff.device, torch.float32).unsqueeze(1)
-    safe = torch.where(mask > 0, mask, torch.ones_like(mask))
-    return torch.where(mask > 0, diff.float() / safe, torch.zeros_like(diff, dtype=torch.float32))
 
 
 def _num_layers(model_config: dict, model: nn.Module, config: CoFiConfig) -> int:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from .. import __version__
 
 # Subcommand modules, each with ``register(subparsers)`` that adds its commands and their handlers.
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = ("checkpoint_commands", "importance_commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"peft-cofi {args.command}: error: {error}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

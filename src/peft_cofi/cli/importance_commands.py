@@ -1,0 +1,174 @@
+"""``peft-cofi importance`` and ``peft-cofi importance-plot``: compute unit importance from a JSONL file, plot it.
+
+Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(prog="peft-cofi")
+    >>> register(parser.add_subparsers(dest="command"))
+    >>> args = parser.parse_args(["importance", "model_dir", "data.jsonl", "--out", "imp.safetensors"])
+    >>> args.method, args.layers, args.handler.__name__
+    ('kl-dropout', None, 'run_importance')
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from ..scoring import DEFAULT_DROPOUT, METHODS
+
+DEFAULT_MAX_LENGTH = 512
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``importance`` and ``importance-plot`` commands (each with a ``handler``) to ``subparsers``.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> register(parser.add_subparsers())
+        >>> parser.parse_args(["importance-plot", "imp.safetensors", "--out", "imp.png"]).out
+        'imp.png'
+    """
+    compute = subparsers.add_parser(
+        "importance",
+        help="compute unit importance of a local causal LM on a JSONL data file",
+        description=(
+            "Compute raw unit importance (CoFiTune/DAS) of the modules a CoFi adapter would train and write it as "
+            "a safetensors importance file for CoFiConfig(importance=...). DATA is JSONL with 'instruction'/"
+            "'input'/'output', 'messages' or 'text' records."
+        ),
+    )
+    compute.add_argument("model", metavar="MODEL", help="local model directory (AutoModelForCausalLM/AutoTokenizer)")
+    compute.add_argument("data", metavar="DATA", help="JSONL data file")
+    compute.add_argument("--out", required=True, metavar="FILE", help="importance file to write (.safetensors)")
+    compute.add_argument(
+        "--method", choices=METHODS, default="kl-dropout", help="importance signal (default: %(default)s)"
+    )
+    compute.add_argument("--max-batches", type=_positive_int, default=None, metavar="N", help="stop after N batches")
+    compute.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="default: %(default)s")
+    compute.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"truncate examples to N tokens (default: {DEFAULT_MAX_LENGTH} or the model's context if shorter)",
+    )
+    compute.add_argument(
+        "--layers",
+        type=parse_layers,
+        default=None,
+        metavar="WINDOW",
+        help="layer window: bottom1, bottom2, middle, top, bottom-plus, middle-plus, top-plus, a fraction range "
+        "'0.25:0.5', or indices '3,4,5' (default: all layers)",
+    )
+    compute.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="module names or suffixes to score (default: the architecture's FFN projections, e.g. up_proj down_proj)",
+    )
+    compute.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        metavar="P",
+        help=f"dropout on the gated outputs (default: {DEFAULT_DROPOUT} for kl-dropout, 0 for loss)",
+    )
+    compute.add_argument("--seed", type=int, default=0, help="seed of the dropout masks (default: %(default)s)")
+    compute.add_argument("--no-head-pooling", action="store_true", help="one score per row of attention projections")
+    compute.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    compute.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    compute.set_defaults(handler=run_importance)
+
+    plot = subparsers.add_parser(
+        "importance-plot",
+        help="plot an importance file as a heatmap PNG",
+        description="Heatmap of normalised importance (layers x units, one panel per module kind).",
+    )
+    plot.add_argument("file", metavar="FILE", help="importance file written by 'peft-cofi importance'")
+    plot.add_argument("--out", required=True, metavar="PNG", help="heatmap PNG to write")
+    plot.add_argument("--distributions", default=None, metavar="PNG", help="also write per-layer distributions")
+    plot.add_argument("--sharpness", type=float, default=1.0, help="t in tanh(|z| / t) (default: %(default)s)")
+    plot.set_defaults(handler=run_importance_plot)
+
+
+def parse_layers(spec: str) -> str | list[int]:
+    """A ``--layers`` value: a window name or fraction range (kept as a string) or comma-separated indices.
+
+    Example:
+        >>> parse_layers("3, 4,5"), parse_layers("bottom2")
+        ([3, 4, 5], 'bottom2')
+    """
+    from ..windows import parse_window
+
+    if re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", spec):
+        return [int(part) for part in spec.split(",")]
+    try:
+        parse_window(spec)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    return spec
+
+
+def run_importance(args: argparse.Namespace) -> int:
+    """Handler of ``peft-cofi importance``: load model, tokenizer and data, compute, save, print a summary."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..config import CoFiConfig
+    from ..data import load_jsonl_dataloader
+    from ..scoring import compute_importance, context_length
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{args.model!r} is not a local model directory (no config.json).")
+    if not Path(args.data).is_file():
+        raise FileNotFoundError(f"data file {args.data!r} does not exist.")
+    out = Path(args.out)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+    context = context_length(model)
+    max_length = args.max_length or min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH)
+    loader = load_jsonl_dataloader(args.data, tokenizer, batch_size=args.batch_size, max_length=max_length)
+    config = CoFiConfig(target_modules=args.target_modules, layers_to_transform=args.layers)
+    importance = compute_importance(
+        model,
+        loader,
+        method=args.method,
+        config=config,
+        head_pooling=not args.no_head_pooling,
+        dropout=args.dropout,
+        max_batches=args.max_batches,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    importance.metadata.update(model=str(args.model), data=str(args.data), max_length=str(max_length))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    importance.save(out)
+    print(
+        f"wrote importance of {len(importance.scores)} modules ({importance.tokens} tokens, "
+        f"{importance.metadata['batches']} batches, method {args.method}) to {out}"
+    )
+    return 0
+
+
+def run_importance_plot(args: argparse.Namespace) -> int:
+    """Handler of ``peft-cofi importance-plot``: write the heatmap (and optionally the distributions) PNG."""
+    from ..importance import UnitImportance
+    from ..plots import plot_importance_distributions, plot_importance_heatmap
+
+    importance = UnitImportance.load(args.file)
+    written = [plot_importance_heatmap(importance, args.out, sharpness=args.sharpness)]
+    if args.distributions:
+        written.append(plot_importance_distributions(importance, args.distributions, sharpness=args.sharpness))
+    print("wrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer.")
+    return value
