@@ -177,3 +177,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokens):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name])
+
+
+def test_modules_to_save_train_and_round_trip(tokens, tmp_path):
+    model = get_peft_model(tiny_llama(), CoFiConfig(layers_to_transform=[1], modules_to_save=["lm_head"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lm_head.modules_to_save.default" in n for n in trainable)
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    expected = logits(model, tokens)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.equal(logits(loaded, tokens), expected)
+    with loaded.disable_adapter():
+        assert torch.equal(logits(loaded, tokens), logits(tiny_llama(), tokens))
