@@ -227,7 +227,9 @@ class BatchEvaluator:
         {'score': 2.0}
     """
 
-    def __init__(self, name: str, measure: Callable[[nn.Module, Sequence[Batch]], dict[str, float]], batches):
+    def __init__(
+        self, name: str, measure: Callable[[nn.Module, Sequence[Batch]], dict[str, float]], batches: Iterable[Batch]
+    ) -> None:
         self.name = name
         self.measure = measure
         self.batches: list[Batch] = list(batches)

@@ -14,8 +14,12 @@ The tree rule (``strategy="tree"``):
    ``ffn`` -> ``ffn_up_down``, then each leave-one-out subset) and repeat while a level improves.
 
 A level *improves* when its best trial beats the best trial so far by more than ``min_improvement`` under the
-objective (Pareto: when it extends the front). The search stops when the budget (trials and/or minutes) is spent,
-when the module stage brings no improvement, or when no narrower node is left. A greedy descent can miss an optimum
+objective (Pareto: when it extends the front). With ``bound=True`` (constrained and Pareto objectives) a node that
+fails the versatility threshold but has more speciality than the best feasible node is refined too (the
+``beam_width`` best such nodes per level, improving or not): narrowing usually trades speciality for versatility, so
+such a node may hide a feasible descendant that beats the incumbent. The search stops when the budget (trials
+and/or minutes) is spent, when the module stage brings no improvement and no such node is left, or when no
+narrower node exists. A greedy descent can miss an optimum
 whose coarse parents score badly; ``strategy="exhaustive"`` scores every named group on every window down to
 ``exhaustive_depth`` (the paper's seven windows at depth 2) for comparison, and a list of
 :class:`~peft_cofi.search_space.Candidate` scores exactly those nodes. docs/SEARCH.md has the measured comparison.
@@ -44,7 +48,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -60,7 +63,17 @@ from .evaluation import Batch, Evaluator, fingerprint_batches
 from .search_objective import Objective, as_objective, pareto_front
 from .search_report import write_search_outputs
 from .search_space import FULL_DEPTH, Candidate, SearchSpace, distinct_nodes
-from .search_trials import Budget, Trial, TrialCache, clock, fingerprint_model, run_trial, trial_key
+from .search_trials import (
+    Budget,
+    Trial,
+    TrialCache,
+    clock,
+    config_id,
+    evaluator_id,
+    fingerprint_model,
+    run_trial,
+    trial_key,
+)
 
 STRATEGIES = ("tree", "exhaustive")
 Evaluate = Callable[[Sequence[Candidate]], list[Trial]]
@@ -144,6 +157,7 @@ def tree_search(
     objective: Objective,
     beam_width: int = 1,
     min_improvement: float = 0.0,
+    bound: bool = True,
 ) -> tuple[list[Trial], str, list[str]]:
     """The coarse-to-fine rule of the module docstring over any ``evaluate(candidates) -> trials`` function.
 
@@ -151,7 +165,14 @@ def tree_search(
     the stop reason and a per-level log.
 
     Example:
-        >>> trials, reason, log = tree_search(space, evaluate, Objective())  # doctest: +SKIP
+        >>> space = SearchSpace("llama", 8)
+        >>> def evaluate(nodes):  # speciality: trained cells in layers 2-3; versatility: fewer cells
+        ...     return [Trial(str(n), n.group, n.window.name, list(n.modules), list(n.layers), "ok",
+        ...                   sum(layer in (2, 3) for layer in n.layers) * len(n.modules),
+        ...                   1 - 0.001 * len(n.modules) * len(n.layers)) for n in nodes]
+        >>> trials, reason, log = tree_search(space, evaluate, Objective())
+        >>> Objective().best(trials).label, len(trials)
+        ('attn_ffn@bottom2', 25)
     """
     if beam_width < 1:
         raise ValueError(f"beam_width={beam_width} must be at least 1.")
@@ -170,13 +191,19 @@ def tree_search(
     def trials() -> list[Trial]:
         return [t for _, t in history]
 
+    def promising(pairs: list[tuple[Candidate, Trial]]) -> list[Candidate]:
+        if not bound:
+            return []
+        chosen = objective.promising([t for _, t in pairs], trials(), beam_width)
+        return [node for node, trial in pairs if any(trial is c for c in chosen)]
+
     level, complete = run(space.first_level())
     log.append(f"groups: {len(level)} trials on the half-depth windows")
     if not complete:
         return trials(), "budget spent", log
     reason = "no narrower node left"
     for stage, expand in (("windows", space.narrower), ("modules", space.module_subsets)):
-        frontier, depth = top(history), 1
+        frontier, depth = distinct_nodes(top(history) + promising(history)), 1
         while frontier:
             tried = {(node.modules, node.layers) for node, _ in history}
             children = distinct_nodes(
@@ -191,12 +218,15 @@ def tree_search(
             if not complete:
                 log.append(f"{stage} level {depth}: budget spent after {len(level)} of {len(children)} trials")
                 return trials(), "budget spent", log
-            if not objective.improves([t for _, t in level], before, min_improvement):
-                log.append(f"{stage} level {depth}: {len(level)} trials, no improvement")
+            improved = objective.improves([t for _, t in level], before, min_improvement)
+            frontier = distinct_nodes((top(level) if improved else []) + promising(level))
+            log.append(
+                f"{stage} level {depth}: {len(level)} trials, {'improved' if improved else 'no improvement'}"
+                + (f", {len(frontier)} node(s) to refine" if frontier else "")
+            )
+            if not frontier:
                 reason = f"no improvement at {stage} level {depth}"
-                break
-            log.append(f"{stage} level {depth}: {len(level)} trials, improved")
-            frontier, depth = top(level), depth + 1
+            depth += 1
     return trials(), reason, log
 
 
@@ -219,6 +249,7 @@ def search_modules(
     template: CoFiConfig | None = None,
     beam_width: int = 1,
     min_improvement: float = 0.0,
+    bound: bool = True,
     exhaustive_depth: int = 2,
     cache: str | os.PathLike[str] | None = None,
     out_dir: str | os.PathLike[str] | None = None,
@@ -244,6 +275,8 @@ def search_modules(
         template: a ``CoFiConfig`` whose other fields (mask mode, importance, ...) every trial uses.
         beam_width: how many of a level's best nodes the tree refines.
         min_improvement: how much a level must beat the best so far to count as an improvement.
+        bound: also refine infeasible nodes with more speciality than the best feasible one (see the module
+            docstring); constrained and Pareto objectives only.
         exhaustive_depth: window depth of ``strategy="exhaustive"``.
         cache: the JSONL trial cache; default ``out_dir/trials.jsonl`` (none without ``out_dir``).
         out_dir: write ``best_config.json``, ``best_adapter/adapter_config.json``, ``report.md``, ``trials.png``
@@ -260,6 +293,8 @@ def search_modules(
         ...                         budget_trials=14, steps=25, out_dir="search")  # doctest: +SKIP
     """
     started = time.perf_counter()
+    if isinstance(strategy, str) and strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not known; use one of {STRATEGIES} or a list of candidates.")
     is_factory = callable(model) and not isinstance(model, nn.Module)
     base = model() if is_factory else model
     space = space or SearchSpace.from_model(base)
@@ -272,9 +307,9 @@ def search_modules(
         "steps": steps,
         "lr": lr,
         "seed": seed,
-        "speciality": _evaluator_id(speciality),
-        "versatility": _evaluator_id(versatility),
-        "template": _template_id(template),
+        "speciality": evaluator_id(speciality),
+        "versatility": evaluator_id(versatility),
+        "template": config_id(template),
         "tag": cache_tag,
     }
     cache_path = cache if cache is not None else (Path(out_dir) / "trials.jsonl" if out_dir is not None else None)
@@ -283,8 +318,7 @@ def search_modules(
     budget = Budget(budget_trials, None if budget_minutes is None else budget_minutes * 60)
     counts = {"ran": 0, "cached": 0}
 
-    def fresh_base() -> nn.Module:
-        current = model() if is_factory else base
+    def check(current: nn.Module) -> nn.Module:
         if verify_base and fingerprint_model(current) != base_print:
             raise RuntimeError(
                 "the base model's weights differ from those the search started with"
@@ -296,11 +330,12 @@ def search_modules(
         if key in known:
             counts["cached"] += count
             return dataclasses.replace(known[key], group=node.group, window=node.window.name)
+        trial_base = check(model()) if is_factory else base
         trial = run_trial(
-            fresh_base(), node, train_batches, speciality, versatility, trial_steps, lr, seed, template, key
+            trial_base, node, train_batches, speciality, versatility, trial_steps, lr, seed, template, key
         )
-        if verify_base and not is_factory:
-            fresh_base()
+        if not is_factory:
+            check(base)  # the trial restored the exact base weights
         counts["ran"] += count
         known[key] = trial
         if store is not None:
@@ -312,8 +347,9 @@ def search_modules(
     # The base model's own scores, for the report: a zero adapter, no training; not a search trial.
     reference = run_one(reference_node, trial_key(reference_node, **context, reference=True), 0, count=False)
     total = budget_trials
-    if not isinstance(strategy, str) or strategy == "exhaustive":
-        planned = list(strategy) if not isinstance(strategy, str) else space.enumerate(exhaustive_depth)
+    planned: list[Candidate] = []
+    if strategy != "tree":
+        planned = space.enumerate(exhaustive_depth) if strategy == "exhaustive" else list(strategy)
         total = len(planned) if total is None else min(total, len(planned))
     bar = tqdm(total=total, desc="search", unit="trial", disable=not progress, dynamic_ncols=True)
 
@@ -332,10 +368,8 @@ def search_modules(
         return out
 
     try:
-        if isinstance(strategy, str) and strategy == "tree":
-            trials, reason, log = tree_search(space, evaluate, chosen, beam_width, min_improvement)
-        elif isinstance(strategy, str) and strategy not in STRATEGIES:
-            raise ValueError(f"strategy={strategy!r} is not known; use one of {STRATEGIES} or a list of candidates.")
+        if strategy == "tree":
+            trials, reason, log = tree_search(space, evaluate, chosen, beam_width, min_improvement, bound)
         else:
             trials = evaluate(planned)
             reason = "every node scored" if len(trials) == len(planned) else _spent_budget(budget)
@@ -365,6 +399,7 @@ def search_modules(
             "budget_minutes": budget_minutes,
             "beam_width": beam_width,
             "min_improvement": min_improvement,
+            "bound": bound,
             "speciality": context["speciality"],
             "versatility": context["versatility"],
         },
@@ -379,19 +414,3 @@ def _spent_budget(budget: Budget) -> str:
     if budget.trials is not None and budget.spent_trials >= budget.trials:
         return f"budget spent ({budget.trials} trials)"
     return f"budget spent ({clock(budget.spent_seconds)} of {clock(budget.seconds or 0.0)})"
-
-
-def _evaluator_id(evaluator: Evaluator) -> str:
-    fingerprint = getattr(evaluator, "fingerprint", None)
-    if isinstance(fingerprint, str):
-        return fingerprint
-    return getattr(evaluator, "__qualname__", type(evaluator).__qualname__)
-
-
-def _template_id(template: CoFiConfig | None) -> str:
-    if template is None:
-        return ""
-    fields = template.to_dict()
-    for name in ("target_modules", "layers_to_transform", "peft_version", "base_model_name_or_path", "revision"):
-        fields.pop(name, None)
-    return json.dumps(fields, sort_keys=True, default=str)

@@ -122,6 +122,26 @@ class Objective:
             return best_new[0] > best_old[0]
         return best_new[1] > best_old[1] + min_improvement
 
+    def promising(self, candidates: Sequence[Trial], done: Sequence[Trial], limit: int = 1) -> list[Trial]:
+        """Infeasible ``candidates`` worth refining although they lose: their speciality exceeds that of the best
+        feasible trial in ``done`` (all of them if none is feasible yet), highest speciality first, at most
+        ``limit``. Narrowing a node usually lowers speciality and raises versatility, so a feasible node rarely has
+        a better descendant, while an infeasible one with more speciality than the incumbent may. ``"weighted"``
+        has no constraint, hence no promising trials.
+
+        Example:
+            >>> incumbent = Trial("a", "g", "w", [], [], "ok", 1.0, 0.99)
+            >>> over = Trial("b", "g", "w", [], [], "ok", 2.0, 0.90)
+            >>> [t.key for t in Objective().promising([over], [incumbent, over])]
+            ['b']
+        """
+        if self.kind == "weighted":
+            return []
+        feasible = [t.speciality for t in done if self.feasible(t)]
+        floor = max(feasible, default=float("-inf"))
+        pool = [t for t in candidates if t.ok and not self.feasible(t) and t.speciality > floor]
+        return sorted(pool, key=lambda t: t.speciality, reverse=True)[:limit]
+
     def describe(self) -> str:
         """One line for reports.
 
@@ -139,7 +159,9 @@ class Objective:
         return f"maximise speciality subject to versatility >= {self.min_retention:g}"
 
 
-def as_objective(objective: str | Objective, min_retention: float | None = None, weight: float | None = None):
+def as_objective(
+    objective: str | Objective, min_retention: float | None = None, weight: float | None = None
+) -> Objective:
     """An :class:`Objective` from a name or an instance (``min_retention``/``weight`` override its fields).
 
     Example:

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -32,7 +33,8 @@ if TYPE_CHECKING:  # search.py imports this module to write its outputs
 
 # Fields never copied into best_config.json: set by peft, or (importance) not reproducible from JSON.
 _SKIPPED_FIELDS = ("peft_type", "peft_version", "auto_mapping", "importance", "importance_source")
-_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
+# tab20: its ten dark colours, then the ten light ones, so up to 20 module groups get distinct colours.
+_COLOURS = (*colormaps["tab20"].colors[0::2], *colormaps["tab20"].colors[1::2])
 
 
 def best_config_kwargs(result: SearchResult) -> dict[str, Any]:
@@ -148,7 +150,7 @@ def plot_search(result: SearchResult, path: str | os.PathLike[str]) -> Path:
         >>> plot_search(result, "trials.png").suffix  # doctest: +SKIP
         '.png'
     """
-    figure = Figure(figsize=(7.5, 5.0), dpi=120)
+    figure = Figure(figsize=(9.5, 5.0), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     ok = [t for t in result.trials if t.ok]
@@ -188,7 +190,7 @@ def plot_search(result: SearchResult, path: str | os.PathLike[str]) -> Path:
     axes.set_title(f"{len(result.trials)} trials, {len(result.failed)} failed; best: {best.label if best else '-'}")
     axes.grid(alpha=0.3)
     if ok:
-        axes.legend(fontsize=7, loc="best")
+        axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path)

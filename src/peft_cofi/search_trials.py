@@ -176,6 +176,37 @@ def trial_key(candidate: Candidate, **context: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def evaluator_id(evaluator: Evaluator) -> str:
+    """How an evaluator enters the cache key: its ``fingerprint`` attribute (built-in evaluators hash their
+    batches), else its qualified name.
+
+    Example:
+        >>> def speciality(model): return 1.0
+        >>> evaluator_id(speciality)
+        'speciality'
+    """
+    fingerprint = getattr(evaluator, "fingerprint", None)
+    if isinstance(fingerprint, str):
+        return fingerprint
+    return getattr(evaluator, "__qualname__", type(evaluator).__qualname__)
+
+
+def config_id(template: CoFiConfig | None) -> str:
+    """How a template config enters the cache key: its JSON without the fields a trial sets or that do not change
+    training (target modules, layers, peft version, base model name, revision).
+
+    Example:
+        >>> config_id(None), "mask_mode" in config_id(CoFiConfig(mask_mode="grad"))
+        ('', True)
+    """
+    if template is None:
+        return ""
+    fields = template.to_dict()
+    for name in ("target_modules", "layers_to_transform", "peft_version", "base_model_name_or_path", "revision"):
+        fields.pop(name, None)
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
 def run_trial(
     base: nn.Module,
     candidate: Candidate,
@@ -191,7 +222,8 @@ def run_trial(
     """Fine-tune ``candidate`` on ``base`` for ``steps`` AdamW steps, evaluate, and restore ``base``.
 
     Batches are visited in a seeded random order (cycling when ``steps`` exceeds their number); ``torch`` is seeded
-    with ``seed`` first, so a trial is reproducible. A non-finite loss or score makes the trial ``"failed"``
+    with ``seed`` first, so a trial is reproducible. Evaluators run in eval mode under ``torch.no_grad()``. A
+    non-finite loss or score makes the trial ``"failed"``
     (recorded, not raised). ``base`` leaves with its original modules, weights, ``requires_grad`` flags and mode.
 
     Example:
@@ -212,7 +244,8 @@ def run_trial(
         if error is None:
             model.eval()
             for i, (prefix, evaluator) in enumerate((("speciality", speciality), ("versatility", versatility))):
-                score, extra = _as_score(evaluator(model))
+                with torch.no_grad():
+                    score, extra = _as_score(evaluator(model))
                 scores[i] = score
                 metrics.update({f"{prefix}/{k}": v for k, v in extra.items()})
                 if not math.isfinite(score):
