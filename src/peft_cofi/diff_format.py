@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,20 +156,33 @@ def fingerprint(weight: torch.Tensor) -> str:
         (True, False)
     """
     tensor = weight.detach().to("cpu").contiguous()
-    payload = tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    # A zero-copy view of the raw bytes: hashing is the only pass over the data.
+    payload = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else b""
     return _digest(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode(), payload)
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """Hash of a module's stored tensors (names, dtypes, shapes, bytes), to detect corrupted files."""
-    return _digest(*(f"{name}:{fingerprint(tensors[name])}".encode() for name in sorted(tensors)))
+    """CRC-32 of a module's stored tensors (names, dtypes, shapes, bytes), to detect corrupted files.
+
+    Example:
+        >>> checksum({"a": torch.zeros(3)}) != checksum({"a": torch.ones(3)})
+        True
+    """
+    crc = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        crc = zlib.crc32(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode(), crc)
+        if tensor.numel():
+            crc = zlib.crc32(memoryview(tensor.view(-1).view(torch.uint8).numpy()), crc)
+    return f"{crc:08x}"
 
 
-def _digest(*parts: bytes) -> str:
-    digest = hashlib.blake2b(digest_size=16)
+def _digest(*parts: bytes | memoryview) -> str:
+    # SHA-256 (hardware-accelerated on common CPUs, ~2x BLAKE2b here), truncated to 128 bits.
+    digest = hashlib.sha256()
     for part in parts:
         digest.update(part)
-    return digest.hexdigest()
+    return digest.hexdigest()[:32]
 
 
 def build_header(modules: dict[str, dict], **fields: str | None) -> dict[str, str]:

