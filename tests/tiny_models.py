@@ -6,6 +6,8 @@ import torch
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     OPTConfig,
@@ -80,3 +82,17 @@ def random_importance(model: torch.nn.Module, names: list[str], seed: int = 0) -
         rows = module.weight.shape[1] if type(module).__name__ == "Conv1D" else module.weight.shape[0]
         out[name] = torch.rand(rows, generator=generator) ** 3
     return out
+
+
+def tiny_neox(num_layers: int = 4, seed: int = 0) -> GPTNeoXForCausalLM:
+    """Fused, per-head interleaved q/k/v in ``query_key_value``; partial rotary embeddings."""
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    return GPTNeoXForCausalLM(config).eval()

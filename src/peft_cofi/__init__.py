@@ -20,6 +20,7 @@ from .hub import push_to_hub
 from .importance import UnitImportance
 from .layer import CoFiLayer
 from .model import CoFiModel
+from .scoring import compute_importance
 
 __all__ = [
     "COFI_PEFT_TYPE",
@@ -29,6 +30,7 @@ __all__ = [
     "CoFiModel",
     "UnitImportance",
     "__version__",
+    "compute_importance",
     "export_lora",
     "merge_into_base",
     "push_to_hub",

@@ -171,7 +171,7 @@ def save_diff(
     is shipped sparse.
 
     Example:
-        >>> save_diff(model, "out/adapter", storage="topk", density=0.1, dtype="bfloat16")  # doctest: +SKIP
+        save_diff(model, "out/adapter", storage="topk", density=0.1, dtype="bfloat16")
     """
     from .config import CoFiConfig
 

@@ -108,8 +108,8 @@ def tokenize_record(tokenizer: Any, record: Mapping[str, Any], use_chat_template
         use_chat_template: render instruction records with the chat template; default: when the tokenizer has one.
 
     Example:
-        >>> example = tokenize_record(tokenizer, {"text": "The cat sat."})  # doctest: +SKIP
-        >>> example["labels"] == example["input_ids"]  # doctest: +SKIP
+        example = tokenize_record(tokenizer, {"text": "The cat sat."})
+        example["labels"] == example["input_ids"]
         True
     """
     kind = record_format(record)
@@ -152,7 +152,7 @@ def tokenize_records(
     ``max_length`` defaults to the tokenizer's ``model_max_length`` when that is set. Empty examples are dropped.
 
     Example:
-        >>> examples = tokenize_records(tokenizer, read_jsonl("data.jsonl"), max_length=256)  # doctest: +SKIP
+        examples = tokenize_records(tokenizer, read_jsonl("data.jsonl"), max_length=256)
     """
     if max_length is None:
         limit = getattr(tokenizer, "model_max_length", None)
@@ -253,8 +253,8 @@ def load_jsonl_dataloader(
     """JSONL file -> tokenised examples -> DataLoader of padded batches, in one call.
 
     Example:
-        >>> loader = load_jsonl_dataloader("general.jsonl", tokenizer, batch_size=8)  # doctest: +SKIP
-        >>> compute_importance(model, loader)  # doctest: +SKIP
+        loader = load_jsonl_dataloader("general.jsonl", tokenizer, batch_size=8)
+        compute_importance(model, loader)
     """
     records = read_jsonl(path, max_records)
     examples = tokenize_records(tokenizer, records, max_length, use_chat_template)

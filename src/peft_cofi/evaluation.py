@@ -90,7 +90,7 @@ def exact_match(model: nn.Module, batches: Iterable[Batch]) -> float:
     that decoding stops there). Examples without label tokens are not counted.
 
     Example:
-        >>> exact_match(model, eval_batches)  # doctest: +SKIP
+        exact_match(model, eval_batches)
         0.42
     """
     return loss_and_exact_match(model, batches)[1]
@@ -103,7 +103,7 @@ def loss_and_exact_match(model: nn.Module, batches: Iterable[Batch]) -> tuple[fl
         ValueError: if the batches hold no label token.
 
     Example:
-        >>> loss, accuracy = loss_and_exact_match(model, eval_batches)  # doctest: +SKIP
+        loss, accuracy = loss_and_exact_match(model, eval_batches)
     """
     total, tokens, correct, examples = 0.0, 0, 0, 0
     with _evaluating(model):
@@ -129,7 +129,7 @@ def cross_entropy_increase(model: nn.Module, batches: Iterable[Batch], reference
     """``CE_tuned - CE_base`` on a general corpus: how much worse the model predicts general text than its base.
 
     Example:
-        >>> cross_entropy_increase(peft_model, general_batches)  # doctest: +SKIP
+        cross_entropy_increase(peft_model, general_batches)
         0.013
     """
     return versatility_metrics(model, batches, reference)["ce_increase"]
@@ -139,7 +139,7 @@ def kl_to_base(model: nn.Module, batches: Iterable[Batch], reference: nn.Module 
     """Mean over non-padding positions of ``KL(p_base || p_tuned)`` of the next-token distributions.
 
     Example:
-        >>> kl_to_base(peft_model, prompt_batches)  # doctest: +SKIP
+        kl_to_base(peft_model, prompt_batches)
         0.004
     """
     return versatility_metrics(model, batches, reference)["kl"]
@@ -159,8 +159,8 @@ def versatility_metrics(
         reference: a separate base model to compare with instead of the disabled adapter.
 
     Example:
-        >>> metrics = versatility_metrics(peft_model, general_batches)  # doctest: +SKIP
-        >>> sorted(metrics)  # doctest: +SKIP
+        metrics = versatility_metrics(peft_model, general_batches)
+        sorted(metrics)
         ['base_loss', 'ce_increase', 'kl', 'loss', 'retention_ce', 'retention_kl']
     """
     if reference is None and not hasattr(model, "disable_adapter"):
@@ -273,8 +273,8 @@ def exact_match_evaluator(batches: Iterable[Batch]) -> BatchEvaluator:
     """Speciality as exact-match accuracy of the labelled answers: ``score = exact_match`` (also reports ``loss``).
 
     Example:
-        >>> evaluator = exact_match_evaluator(eval_batches)  # doctest: +SKIP
-        >>> evaluator(peft_model)["exact_match"]  # doctest: +SKIP
+        evaluator = exact_match_evaluator(eval_batches)
+        evaluator(peft_model)["exact_match"]
         0.31
     """
 
@@ -292,8 +292,8 @@ def retention_evaluator(batches: Iterable[Batch], measure: Literal["ce", "kl"] =
     Both metrics are reported either way. The model must be a peft model (the base comes from ``disable_adapter``).
 
     Example:
-        >>> evaluator = retention_evaluator(general_batches, measure="kl")  # doctest: +SKIP
-        >>> evaluator(peft_model)["score"]  # doctest: +SKIP
+        evaluator = retention_evaluator(general_batches, measure="kl")
+        evaluator(peft_model)["score"]
         0.996
     """
     if measure not in ("ce", "kl"):

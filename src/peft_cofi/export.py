@@ -1,8 +1,8 @@
 """Export a CoFi diff for serving: a plain peft LoRA adapter (truncated SVD), or a merged full model.
 
 Example:
-    >>> report = export_lora("out/adapter", "out/lora", rank=16)  # doctest: +SKIP
-    >>> report.max_rel_error  # doctest: +SKIP
+    report = export_lora("out/adapter", "out/lora", rank=16)
+    report.max_rel_error
 """
 
 from __future__ import annotations

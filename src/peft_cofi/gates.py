@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -135,7 +135,7 @@ class OutputGates:
             self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
         return self._generators[device]
 
-    def _hook(self, name: str, gate: torch.Tensor):
+    def _hook(self, name: str, gate: torch.Tensor) -> Callable[[nn.Module, tuple, Any], torch.Tensor]:
         def hook(module: nn.Module, args: tuple, output: Any) -> torch.Tensor:
             if not isinstance(output, torch.Tensor) or output.shape[-1] != gate.numel():
                 shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__

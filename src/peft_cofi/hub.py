@@ -92,7 +92,7 @@ def push_to_hub(
     """Upload a CoFi adapter (config, diff, model card) to the Hub; returns the commit info.
 
     Example:
-        >>> push_to_hub(model, "me/smollm2-cofi-fr")  # doctest: +SKIP
+        push_to_hub(model, "me/smollm2-cofi-fr")
     """
     api = api or HfApi()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id

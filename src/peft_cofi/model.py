@@ -6,17 +6,10 @@ replaced, so a bad config leaves the model untouched.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import (
-    BaseTuner,
-    BaseTunerLayer,
-    _ExcludedModule,
-    _maybe_include_all_linear_layers,
-    check_target_module_exists,
-)
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -25,36 +18,14 @@ from .config import CHECKPOINT_IMPORTANCE, CoFiConfig
 from .importance import as_importance
 from .layer import SUPPORTED_LAYERS, CoFiLayer, Linear
 from .mask import mask_factors
-from .windows import resolve_layers
-
-# The FFN input and output projections: the paper's coarse-level pick, per architecture.
-DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(
-        ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2"],
-        ("up_proj", "down_proj"),
-    ),
-    **dict.fromkeys(["granite", "smollm3", "cohere", "stablelm", "deepseek_v2", "internlm2"], ("up_proj", "down_proj")),
-    "phi3": ("gate_up_proj", "down_proj"),
-    **dict.fromkeys(["gpt2", "gpt_bigcode", "starcoder2"], ("mlp.c_fc", "mlp.c_proj")),
-    **dict.fromkeys(["opt", "phi", "biogpt", "xglm"], ("fc1", "fc2")),
-    **dict.fromkeys(["gpt_neox", "falcon", "bloom"], ("dense_h_to_4h", "dense_4h_to_h")),
-    **dict.fromkeys(["gptj", "codegen"], ("fc_in", "fc_out")),
-}
-# Projections whose output rows are attention heads (head_dim consecutive rows each, also for fused q/k/v).
-DEFAULT_ATTENTION_MODULES = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "qkv_proj",
-    "attn.c_attn",
-    "query_key_value",
-    "query",
-    "key",
-    "value",
-]
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-_HEAD_COUNT_KEYS = ("num_attention_heads", "n_head", "num_heads")
-_HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model")
+from .selection import (
+    DEFAULT_ATTENTION_MODULES,
+    DEFAULT_TARGET_MODULES,
+    head_geometry,
+    matched_modules,
+    matches_suffix,
+    resolve_selection,
+)
 
 
 class CoFiModel(BaseTuner):
@@ -75,33 +46,16 @@ class CoFiModel(BaseTuner):
     target_module_mapping = DEFAULT_TARGET_MODULES
 
     def _prepare_adapter_config(self, peft_config: CoFiConfig, model_config: dict) -> CoFiConfig:
-        if peft_config.target_modules is None:
-            model_type = model_config.get("model_type")
-            if model_type not in self.target_module_mapping:
-                raise ValueError(
-                    f"peft-cofi has no default target modules for model_type={model_type!r}; set target_modules "
-                    f"(e.g. the FFN projections). Known defaults: {sorted(self.target_module_mapping)}."
-                )
-        peft_config = super()._prepare_adapter_config(peft_config, model_config)
-        peft_config = _maybe_include_all_linear_layers(peft_config, self.model)
-        if peft_config.layers_to_transform is not None:
-            num_layers = _num_layers(model_config, self.model, peft_config)
-            peft_config.layers_to_transform = resolve_layers(peft_config.layers_to_transform, num_layers)
+        peft_config = resolve_selection(peft_config, self.model, model_config)
         targets = self._find_targets(peft_config)
         self._pending_mask_factors = self._compute_mask_factors(peft_config, targets, model_config)
         return peft_config
 
     def _find_targets(self, config: CoFiConfig) -> dict[str, nn.Module]:
-        """The modules the config selects, validated: supported types, at least one match."""
-        tuner_layers = {name for name, module in self.model.named_modules() if isinstance(module, BaseTunerLayer)}
+        """The modules the config selects, validated: at least one, all of a supported type."""
         targets: dict[str, nn.Module] = {}
         unsupported = []
-        for name, module in self.model.named_modules():
-            if not name or any(name.startswith(layer + ".") for layer in tuner_layers):
-                continue
-            match = check_target_module_exists(config, name)
-            if not match or isinstance(match, _ExcludedModule):
-                continue
+        for name, module in matched_modules(self.model, config).items():
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             if isinstance(module, BaseTunerLayer) and not isinstance(module, CoFiLayer):
                 unsupported.append(f"{name} (already adapted by {type(module).__name__})")
@@ -113,12 +67,6 @@ class CoFiModel(BaseTuner):
             raise TypeError(
                 f"CoFi can only adapt nn.Linear and transformers Conv1D modules; these selected modules are not: "
                 f"{unsupported[:8]}. Narrow target_modules or add them to exclude_modules."
-            )
-        if not targets:
-            raise ValueError(
-                f"target_modules={_show(config.target_modules)} with layers_to_transform="
-                f"{config.layers_to_transform} matched no module. Adaptable module names in this model: "
-                f"{_adaptable_names(self.model)}."
             )
         return targets
 
@@ -140,11 +88,11 @@ class CoFiModel(BaseTuner):
                 f"the importance does not cover {len(missing)} trained module(s), e.g. {missing[:5]}; compute "
                 "importance for the same target_modules and layers (compute_importance does so by default)."
             )
-        head_dim, num_heads = _head_geometry(model_config)
+        head_dim, num_heads = head_geometry(model_config)
         attention = config.attention_modules or DEFAULT_ATTENTION_MODULES
         factors = {}
         for name, n_out in out_features.items():
-            pooled = config.head_pooling and head_dim is not None and _matches_suffix(name, attention)
+            pooled = config.head_pooling and head_dim is not None and matches_suffix(name, attention)
             try:
                 factors[name] = mask_factors(
                     [imp[name] for imp in importances],
@@ -199,47 +147,3 @@ class CoFiModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         converted = decode_adapter_state(model, config, adapter_name, state_dict)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, converted)
-
-
-def _num_layers(model_config: dict, model: nn.Module, config: CoFiConfig) -> int:
-    for key in _LAYER_COUNT_KEYS:
-        if isinstance(model_config.get(key), int):
-            return model_config[key]
-    pattern = config.layers_pattern or r"[^.]+"
-    patterns = [pattern] if isinstance(pattern, str) else pattern
-    indices = [
-        int(m["idx"])
-        for name, _ in model.named_modules()
-        for p in patterns
-        if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)(?:\.|$)", name))
-    ]
-    if not indices:
-        raise ValueError(
-            "cannot tell the model's depth to resolve a layer window: its config has none of "
-            f"{_LAYER_COUNT_KEYS} and no numbered layer list was found; pass layers_to_transform as indices."
-        )
-    return max(indices) + 1
-
-
-def _head_geometry(model_config: dict) -> tuple[int | None, int | None]:
-    num_heads = next((model_config[k] for k in _HEAD_COUNT_KEYS if isinstance(model_config.get(k), int)), None)
-    if num_heads is None:
-        return None, None
-    head_dim = model_config.get("head_dim")
-    if not isinstance(head_dim, int):
-        hidden = next((model_config[k] for k in _HIDDEN_SIZE_KEYS if isinstance(model_config.get(k), int)), None)
-        head_dim = hidden // num_heads if hidden else None
-    return head_dim, num_heads
-
-
-def _matches_suffix(name: str, suffixes: list[str]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in suffixes)
-
-
-def _adaptable_names(model: nn.Module) -> list[str]:
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)}
-    return sorted(names)
-
-
-def _show(target_modules: Any) -> str:
-    return repr(sorted(target_modules) if isinstance(target_modules, set) else target_modules)

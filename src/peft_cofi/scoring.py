@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from .config import CoFiConfig
 from .gates import OutputGates, frozen_model_state
 from .importance import UnitImportance
+from .losses import logits_kl
 from .targets import ImportanceTarget, base_model_of, resolve_targets
 
 METHODS = ("kl-dropout", "loss")
@@ -143,6 +144,11 @@ def compute_importance(
                     f"the {method} loss of batch {index} is {loss.item()}; the model overflows on this batch "
                     "(try float32 weights) or its inputs are broken."
                 )
+            if not loss.requires_grad:
+                raise ValueError(
+                    "the loss does not depend on any target module's output: the modules are not called in the "
+                    f"model's forward pass ({[t.name for t in targets][:3]}...)."
+                )
             loss.backward()
             _accumulate(sums, targets, gates.grads())
             gates.zero_grad()
@@ -156,7 +162,7 @@ def _accumulate(sums: dict[str, torch.Tensor], targets: Sequence[ImportanceTarge
         grad = grads[target.name].to(torch.float64)
         if target.head_dim:
             grad = grad.view(-1, target.head_dim).sum(dim=1)  # signed sum per head, then abs: a per-head gate
-        sums[target.name] += grad.abs()
+        sums[target.name] += grad.abs().to(sums[target.name].device)
 
 
 def _kl_dropout_loss(
@@ -166,9 +172,9 @@ def _kl_dropout_loss(
     count = int(keep.sum())
     if count == 0:
         return input_ids.new_zeros((), dtype=torch.float32), 0
-    log_p = F.log_softmax(_logits(model, input_ids, attention_mask)[keep].float(), dim=-1)
-    log_q = F.log_softmax(_logits(model, input_ids, attention_mask)[keep].float(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(), count
+    first = _logits(model, input_ids, attention_mask)
+    second = _logits(model, input_ids, attention_mask)
+    return logits_kl(first, second, keep), count
 
 
 def _lm_loss(

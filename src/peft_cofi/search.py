@@ -84,7 +84,7 @@ class SearchResult:
     """What a search found: every trial in order, the best one, the front, and how the search went.
 
     Example:
-        >>> result.best.label, result.best_config().layers_to_transform  # doctest: +SKIP
+        result.best.label, result.best_config().layers_to_transform
         ('ffn_up_down@bottom2', [8, 9, 10, 11, 12, 13, 14])
     """
 
@@ -289,8 +289,8 @@ def search_modules(
         RuntimeError: if a trial left the base weights changed.
 
     Example:
-        >>> result = search_modules(model, train, loss_evaluator(held_out), retention_evaluator(general),
-        ...                         budget_trials=14, steps=25, out_dir="search")  # doctest: +SKIP
+        result = search_modules(model, train, loss_evaluator(held_out), retention_evaluator(general),
+                                budget_trials=14, steps=25, out_dir="search")
     """
     started = time.perf_counter()
     if isinstance(strategy, str) and strategy not in STRATEGIES:

@@ -10,8 +10,8 @@ Files written by :func:`write_search_outputs` into ``out_dir``:
 - ``result.json``: :meth:`SearchResult.to_dict`.
 
 Example:
-    >>> paths = write_search_outputs(result, "search-out")  # doctest: +SKIP
-    >>> sorted(paths)  # doctest: +SKIP
+    paths = write_search_outputs(result, "search-out")
+    sorted(paths)
     ['adapter_config', 'best_config', 'plot', 'report', 'result']
 """
 
@@ -43,7 +43,7 @@ def best_config_kwargs(result: SearchResult) -> dict[str, Any]:
     An importance in the template is left out (pass it again when building the adapter); the report says so.
 
     Example:
-        >>> best_config_kwargs(result)  # doctest: +SKIP
+        best_config_kwargs(result)
         {'target_modules': ['down_proj', 'up_proj'], 'layers_to_transform': [8, 9, 10, 11, 12, 13, 14]}
     """
     config = result.best_config()
@@ -60,7 +60,7 @@ def write_search_outputs(result: SearchResult, out_dir: str | os.PathLike[str]) 
     """Write the files of the module docstring (the config files only when some trial succeeded).
 
     Example:
-        >>> write_search_outputs(result, "out")["report"].name  # doctest: +SKIP
+        write_search_outputs(result, "out")["report"].name
         'report.md'
     """
     out = Path(out_dir)
@@ -82,7 +82,7 @@ def search_markdown(result: SearchResult) -> str:
     """The markdown report of a search.
 
     Example:
-        >>> print(search_markdown(result))  # doctest: +SKIP
+        print(search_markdown(result))
     """
     settings = result.settings
     best = result.best
@@ -147,7 +147,7 @@ def plot_search(result: SearchResult, path: str | os.PathLike[str]) -> Path:
     """Speciality (y) vs versatility (x) of the successful trials, coloured by module group, front marked.
 
     Example:
-        >>> plot_search(result, "trials.png").suffix  # doctest: +SKIP
+        plot_search(result, "trials.png").suffix
         '.png'
     """
     figure = Figure(figsize=(9.5, 5.0), dpi=120)

@@ -246,7 +246,7 @@ class SearchSpace:
         """The space of a transformers model: its ``model_type``, depth and module names.
 
         Example:
-            >>> SearchSpace.from_model(model).num_layers  # doctest: +SKIP
+            SearchSpace.from_model(model).num_layers
             30
         """
         config = getattr(model, "config", None)

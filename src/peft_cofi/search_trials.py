@@ -227,7 +227,7 @@ def run_trial(
     (recorded, not raised). ``base`` leaves with its original modules, weights, ``requires_grad`` flags and mode.
 
     Example:
-        >>> trial = run_trial(model, node, batches, speciality, versatility, steps=20)  # doctest: +SKIP
+        trial = run_trial(model, node, batches, speciality, versatility, steps=20)
     """
     if steps < 0:
         raise ValueError(f"steps={steps} must be >= 0.")

@@ -28,9 +28,6 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
-    _ExcludedModule,
-    _maybe_include_all_linear_layers,
-    check_target_module_exists,
 )
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -38,15 +35,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import CoFiConfig
 from .importance import _strip_wrapper_prefix
 from .layer import SUPPORTED_LAYERS
-from .model import (
-    DEFAULT_ATTENTION_MODULES,
-    DEFAULT_TARGET_MODULES,
-    _adaptable_names,
-    _head_geometry,
-    _matches_suffix,
-    _num_layers,
-)
-from .windows import resolve_layers
+from .selection import DEFAULT_ATTENTION_MODULES, head_geometry, matched_modules, matches_suffix, resolve_selection
 
 
 @dataclass(frozen=True)
@@ -164,7 +153,7 @@ def resolve_targets(
     if modules is not None:
         selected = _named_modules(candidates, modules)
     else:
-        selected = _configured_modules(base, candidates, config, model_config)
+        selected = _configured_modules(base, config, model_config)
     unsupported = [f"{name} ({type(module).__name__})" for name, module in selected if output_units(module) is None]
     if unsupported:
         raise TypeError(
@@ -172,12 +161,12 @@ def resolve_targets(
             f"them); these selected modules are neither: {unsupported[:8]}."
         )
     pool = config.head_pooling if head_pooling is None else head_pooling
-    head_dim, _ = _head_geometry(model_config)
+    head_dim, _ = head_geometry(model_config)
     attention = config.attention_modules or DEFAULT_ATTENTION_MODULES
     targets = []
     for name, module in selected:
         units = output_units(module)
-        pooled = pool and head_dim is not None and _matches_suffix(name, attention) and units % head_dim == 0
+        pooled = pool and head_dim is not None and matches_suffix(name, attention) and units % head_dim == 0
         targets.append(ImportanceTarget(name, module, units, head_dim if pooled else None))
     return targets
 
@@ -195,32 +184,6 @@ def _named_modules(candidates: dict[str, nn.Module], names: Sequence[str]) -> li
     return [(name, candidates[name]) for name in wanted]
 
 
-def _configured_modules(
-    base: nn.Module, candidates: dict[str, nn.Module], config: CoFiConfig, model_config: dict
-) -> list[tuple[str, nn.Module]]:
-    # The steps of CoFiModel._prepare_adapter_config / _find_targets, on a copy so the caller's config is untouched.
-    config = copy.copy(config)
-    if config.target_modules is None:
-        model_type = model_config.get("model_type")
-        if model_type not in DEFAULT_TARGET_MODULES:
-            raise ValueError(
-                f"peft-cofi has no default target modules for model_type={model_type!r}; pass a CoFiConfig with "
-                f"target_modules or a list of module names. Known defaults: {sorted(DEFAULT_TARGET_MODULES)}."
-            )
-        config.target_modules = set(DEFAULT_TARGET_MODULES[model_type])
-    config = _maybe_include_all_linear_layers(config, base)
-    if config.layers_to_transform is not None:
-        num_layers = _num_layers(model_config, base, config)
-        config.layers_to_transform = resolve_layers(config.layers_to_transform, num_layers)
-    selected = []
-    for name, module in candidates.items():
-        match = check_target_module_exists(config, name)
-        if match and not isinstance(match, _ExcludedModule):
-            selected.append((name, module))
-    if not selected:
-        targets = sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
-        raise ValueError(
-            f"target_modules={targets!r} with layers_to_transform={config.layers_to_transform} matched no module. "
-            f"Adaptable module names in this model: {_adaptable_names(base)}."
-        )
-    return selected
+def _configured_modules(base: nn.Module, config: CoFiConfig, model_config: dict) -> list[tuple[str, nn.Module]]:
+    # The tuner's own selection, on a copy so the caller's config is untouched.
+    return list(matched_modules(base, resolve_selection(copy.copy(config), base, model_config)).items())

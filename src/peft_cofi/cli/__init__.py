@@ -1,7 +1,7 @@
 """The ``peft-cofi`` command line: one subcommand module per concern, each exposing ``register(subparsers)``.
 
 Example:
-    >>> main(["--version"])  # doctest: +SKIP
+    main(["--version"])
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from .. import __version__
 
 # Subcommand modules, each with ``register(subparsers)`` that adds its commands and their handlers.
-_COMMAND_MODULES: tuple[str, ...] = ("checkpoint_commands", "importance_commands")
+_COMMAND_MODULES: tuple[str, ...] = ("checkpoint_commands", "importance_commands", "search_commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

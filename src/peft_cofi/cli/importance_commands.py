@@ -112,7 +112,13 @@ def parse_layers(spec: str) -> str | list[int]:
 
 
 def run_importance(args: argparse.Namespace) -> int:
-    """Handler of ``peft-cofi importance``: load model, tokenizer and data, compute, save, print a summary."""
+    """Handler of ``peft-cofi importance``: load model, tokenizer and data, compute, save, print a summary.
+
+    Example:
+        >>> from peft_cofi.cli import main
+        >>> main(["importance", "model_dir", "general.jsonl", "--out", "imp.safetensors"])  # doctest: +SKIP
+        0
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -155,7 +161,13 @@ def run_importance(args: argparse.Namespace) -> int:
 
 
 def run_importance_plot(args: argparse.Namespace) -> int:
-    """Handler of ``peft-cofi importance-plot``: write the heatmap (and optionally the distributions) PNG."""
+    """Handler of ``peft-cofi importance-plot``: write the heatmap (and optionally the distributions) PNG.
+
+    Example:
+        >>> from peft_cofi.cli import main
+        >>> main(["importance-plot", "imp.safetensors", "--out", "imp.png"])  # doctest: +SKIP
+        0
+    """
     from ..importance import UnitImportance
     from ..plots import plot_importance_distributions, plot_importance_heatmap
 
