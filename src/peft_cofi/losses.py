@@ -1,12 +1,15 @@
 """A memory-lean KL divergence between two sets of logits, for the KL-dropout importance signal.
 
-``logits_kl(z1, z2) = sum_rows KL(softmax(z1) || softmax(z2))``. Written out with autograd, the softmaxes, logs,
-differences and products of a ``[tokens, vocab]`` pair are each kept for the backward pass: about nine
-logits-sized float32 tensors (for SmolLM2 at 8 x 128 tokens, ~1.8 GB). This autograd function keeps only the two
-logits tensors and recomputes the rest in row chunks, in float32 at least, in both passes, with the analytic gradients
+``logits_kl(z1, z2) = sum_rows KL(softmax(z1) || softmax(z2))``. Written out with autograd, several logits-sized
+float32 tensors (log-softmaxes, probabilities, differences, an indexed copy per pass) are kept for the backward
+pass. This autograd function keeps only the two logits tensors and recomputes the rest in row chunks of about 2M
+elements, in float32 at least, in both passes, with the analytic gradients
 
 - ``dKL/dz2 = softmax(z2) - softmax(z1)``,
 - ``dKL/dz1 = p * (log p - log q - KL_row)`` with ``p = softmax(z1)``, ``q = softmax(z2)``.
+
+Measured on SmolLM2-135M (8 x 128 tokens, vocabulary 49k, 2 CPU threads): the peak RSS of an importance pass fell
+from 3.78 to 3.31 GB, at the same speed.
 
 Example:
     >>> import torch
