@@ -20,6 +20,7 @@ from .hub import push_to_hub
 from .importance import UnitImportance
 from .layer import CoFiLayer
 from .model import CoFiModel
+from .monitor import ForgettingMonitor
 from .scoring import compute_importance
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "CoFiConfig",
     "CoFiLayer",
     "CoFiModel",
+    "ForgettingMonitor",
     "UnitImportance",
     "__version__",
     "compute_importance",

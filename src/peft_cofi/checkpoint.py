@@ -249,16 +249,83 @@ def _wrap_load(original):
 def _wrap_load_adapter(original):
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
         is_new = adapter_name not in self.peft_config
+        saved = None if is_new else _saved_config(model_id, kwargs.get("subfolder"))
+        if saved is not None and saved.get("peft_type") == "COFI":
+            is_trainable = args[0] if args else kwargs.get("is_trainable", False)
+            _check_resumable(self.peft_config[adapter_name], saved, model_id, adapter_name, is_trainable)
         try:
             return original(self, model_id, adapter_name, *args, **kwargs)
-        except CheckpointError:
+        except CheckpointError as error:
             if is_new and adapter_name in self.peft_config:
                 self.delete_adapter(adapter_name)
+            if saved is not None and (hint := _config_mismatch_hint(self.peft_config[adapter_name], saved, model_id)):
+                raise CheckpointError(f"{error} {hint}") from error
             raise
 
     load_adapter.__wrapped_by_peft_cofi__ = original
     load_adapter.__doc__ = original.__doc__
     return load_adapter
+
+
+# Fields of a saved adapter_config.json that decide which modules an adapter has and how its diff is parametrised.
+_STRUCTURE_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "mask_mode")
+
+
+def _saved_config(model_id: str | os.PathLike, subfolder: str | None) -> dict | None:
+    """The ``adapter_config.json`` of a local checkpoint directory as a dict; ``None`` if there is none."""
+    path = Path(model_id, subfolder or "", "adapter_config.json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _normalised(field: str, value: Any) -> Any:
+    if field in ("target_modules", "exclude_modules") and isinstance(value, (list, tuple, set)):
+        return sorted(value)
+    if field == "layers_to_transform" and isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    return list(value) if isinstance(value, (tuple, set)) else value
+
+
+def _config_differences(config: Any, saved: dict) -> list[str]:
+    """``"field: checkpoint X, this adapter Y"`` for every structural field that differs."""
+    current = config.to_dict()
+    out = []
+    for field in _STRUCTURE_FIELDS:
+        theirs, ours = _normalised(field, saved.get(field)), _normalised(field, current.get(field))
+        if theirs != ours:
+            out.append(f"{field}: checkpoint {theirs!r}, this adapter {ours!r}")
+    return out
+
+
+def _fix_advice(model_id: str | os.PathLike) -> str:
+    return (
+        f"Build the model from the checkpoint's own config, PeftModel.from_pretrained(base, {str(model_id)!r}, "
+        "is_trainable=True), before resuming from it, or resume from a checkpoint of this configuration."
+    )
+
+
+def _config_mismatch_hint(config: Any, saved: dict, model_id: str | os.PathLike) -> str:
+    """What differs between the checkpoint's config and the adapter it is loaded into, and how to fix it."""
+    differences = _config_differences(config, saved)
+    if not differences:
+        return ""
+    return f"Its adapter_config.json differs from this adapter's in {'; '.join(differences)}. {_fix_advice(model_id)}"
+
+
+def _check_resumable(config: Any, saved: dict, model_id: str | os.PathLike, adapter_name: str, trainable: bool) -> None:
+    """Refuse to continue training an adapter from a checkpoint of the other mask mode: the diff would load, but
+    ``D`` means ``diff / s`` in one mode and ``diff`` in the other, so the optimizer state would not fit it."""
+    theirs = saved.get("mask_mode", "update")
+    if trainable and theirs != config.mask_mode:
+        raise CheckpointError(
+            f"cannot resume training of adapter {adapter_name!r} (mask_mode={config.mask_mode!r}) from "
+            f"{str(model_id)!r}, which was trained with mask_mode={theirs!r}: the trained parameter D is the diff "
+            "divided by the mask factors in 'update' mode and the diff itself in 'grad' mode, so the checkpoint's "
+            "optimizer state would not fit it. "
+            f"{_fix_advice(model_id)}"
+        )
 
 
 def _wrap_from_pretrained(original):

@@ -17,21 +17,53 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .distributed import row_factors, weight_shape
+
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+# Base weight dtypes a float diff can be added to (quantised int8/uint8-packed and float8 weights cannot take one).
+TRAINABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def untrainable_reason(module: nn.Module, model_is_loaded: bool = True) -> str | None:
+    """Why a Linear/Conv1D ``module`` cannot carry a CoFi diff, or ``None`` if it can.
+
+    ``model_is_loaded``: whether the model has real (non-meta) parameters; a meta weight is fine when the whole
+    model is on the meta device (creation under ``init_empty_weights``), not when only the trained modules are.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return f"its weight is {type(weight).__name__}, not a tensor"
+    if weight.dtype not in TRAINABLE_DTYPES:
+        return (
+            f"its weight has dtype {weight.dtype} (quantised?); a diff needs a floating-point base weight, one of "
+            f"{[str(d).removeprefix('torch.') for d in TRAINABLE_DTYPES]}"
+        )
+    if weight.is_meta and (model_is_loaded or _is_offloaded(module)):
+        return (
+            "its weight is on the meta device: not loaded, or offloaded by accelerate (device_map / cpu_offload) and "
+            "brought in only for the forward pass, so the diff would stay an empty meta tensor"
+        )
+    return None
+
+
+def _is_offloaded(module: nn.Module) -> bool:
+    """Whether accelerate hooks keep this module's weights elsewhere and load them only for the forward pass."""
+    hook = getattr(module, "_hf_hook", None)
+    return any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook]))
 
 
 class _ScaleGrad(torch.autograd.Function):
-    """Identity in the forward pass; multiplies gradient rows by ``scale`` in the backward pass."""
+    """Identity in the forward pass; multiplies gradient rows by the ``(rows, 1)`` column in the backward pass."""
 
     @staticmethod
-    def forward(ctx: Any, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(scale)
+    def forward(ctx: Any, delta: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(column)
         return delta.view_as(delta)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (scale,) = ctx.saved_tensors
-        return grad * scale.unsqueeze(1).to(grad.dtype), None
+        (column,) = ctx.saved_tensors
+        return grad * column.to(grad.dtype), None
 
 
 class CoFiLayer(BaseTunerLayer):
@@ -49,7 +81,8 @@ class CoFiLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         base = self.get_base_layer()
         self.is_conv1d = isinstance(base, Conv1D)
-        out_features, in_features = self._oriented(base.weight).shape
+        rows, cols = weight_shape(base.weight)  # the full shape also for a ZeRO-3 partitioned weight
+        out_features, in_features = (cols, rows) if self.is_conv1d else (rows, cols)
         self.in_features, self.out_features = in_features, out_features
 
     def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
@@ -99,10 +132,11 @@ class CoFiLayer(BaseTunerLayer):
     def effective_delta(self, adapter_name: str) -> torch.Tensor:
         """The weight change ``W_tuned - W_base`` of one adapter, ``(out_features, in_features)``, with autograd."""
         delta = self.cofi_delta[adapter_name]
-        scale = self.cofi_mask[adapter_name].to(delta.device)
+        # One factor per row of the full weight, also when FSDP2 shards the delta (a replicated DTensor then).
+        column = row_factors(self.cofi_mask[adapter_name], delta, f"adapter {adapter_name!r}")
         if self.cofi_mask_mode[adapter_name] == "update":
-            return delta * scale.unsqueeze(1).to(delta.dtype)
-        return _ScaleGrad.apply(delta, scale)
+            return delta * column
+        return _ScaleGrad.apply(delta, column)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The detached weight change of one adapter in the base weight's own orientation and dtype."""

@@ -15,8 +15,9 @@ from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import decode_adapter_state, encode_adapter_state
 from .config import CHECKPOINT_IMPORTANCE, CoFiConfig
+from .distributed import gather_adapter_state, weight_shape
 from .importance import as_importance
-from .layer import SUPPORTED_LAYERS, CoFiLayer, Linear
+from .layer import SUPPORTED_LAYERS, CoFiLayer, Linear, untrainable_reason
 from .mask import mask_factors
 from .selection import (
     DEFAULT_ATTENTION_MODULES,
@@ -52,21 +53,33 @@ class CoFiModel(BaseTuner):
         return peft_config
 
     def _find_targets(self, config: CoFiConfig) -> dict[str, nn.Module]:
-        """The modules the config selects, validated: at least one, all of a supported type."""
+        """The modules the config selects, validated: at least one, all trainable (see :func:`untrainable_reason`)."""
         targets: dict[str, nn.Module] = {}
-        unsupported = []
+        unsupported: list[str] = []
+        untrainable: dict[str, list[str]] = {}  # reason -> modules
+        model_is_loaded = any(not p.is_meta for p in self.model.parameters())
         for name, module in matched_modules(self.model, config).items():
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             if isinstance(module, BaseTunerLayer) and not isinstance(module, CoFiLayer):
                 unsupported.append(f"{name} (already adapted by {type(module).__name__})")
             elif not isinstance(base, SUPPORTED_LAYERS):
                 unsupported.append(f"{name} ({type(base).__name__})")
+            elif reason := untrainable_reason(base, model_is_loaded):
+                untrainable.setdefault(reason, []).append(f"{name} ({type(base).__name__})")
             else:
                 targets[name] = base
         if unsupported:
             raise TypeError(
                 f"CoFi can only adapt nn.Linear and transformers Conv1D modules; these selected modules are not: "
-                f"{unsupported[:8]}. Narrow target_modules or add them to exclude_modules."
+                f"{unsupported[:8]}. If they are quantised layers (bitsandbytes, GPTQ, AWQ, ...), load the model "
+                "unquantised or dequantise it first; otherwise narrow target_modules or add them to exclude_modules."
+            )
+        if untrainable:
+            problems = "; ".join(f"{names[:8]}: {reason}" for reason, names in untrainable.items())
+            raise ValueError(
+                f"CoFi cannot train a weight diff on {sum(map(len, untrainable.values()))} selected module(s): "
+                f"{problems}. Load the model unquantised in float32/bfloat16/float16 (or dequantise it) with the "
+                "trained modules fully on a device, or add these modules to exclude_modules."
             )
         return targets
 
@@ -74,7 +87,7 @@ class CoFiModel(BaseTuner):
         self, config: CoFiConfig, targets: dict[str, nn.Module], model_config: dict
     ) -> dict[str, torch.Tensor]:
         out_features = {
-            name: (module.weight.shape[1] if isinstance(module, Conv1D) else module.weight.shape[0])
+            name: weight_shape(module.weight)[1 if isinstance(module, Conv1D) else 0]
             for name, module in targets.items()
         }
         if config.importance is None or config.importance == CHECKPOINT_IMPORTANCE:
@@ -141,6 +154,8 @@ class CoFiModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # FSDP2 / ZeRO-3: full copies of sharded or partitioned tensors (a collective: save on every rank).
+        selected, state_dict = gather_adapter_state(model, adapter_name, selected, state_dict)
         return encode_adapter_state(model, config, adapter_name, selected, state_dict)
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Plots of unit importance: a layers x units heatmap and per-layer distributions, one panel per module kind.
+"""Plots of unit importance (a layers x units heatmap and per-layer distributions, one panel per module kind) and of
+forgetting over training (:func:`plot_training_history`, drawn by :class:`peft_cofi.monitor.ForgettingMonitor`).
 
 A module's *kind* is its name after the layer index (``model.layers.9.mlp.up_proj`` -> ``mlp.up_proj``); its layer
 is that index. Scores are shown normalised as the mask sees them (:func:`peft_cofi.mask.normalize_importance`:
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -131,6 +133,48 @@ def plot_importance_distributions(
         ax.set_ylabel("importance", fontsize=8)
         ax.tick_params(labelsize=7)
     figure.suptitle(title or _default_title(importance, sharpness), fontsize=10)
+    return _save(figure, path)
+
+
+def plot_training_history(
+    history: Sequence[Mapping[str, float]], path: str | os.PathLike[str], title: str | None = None
+) -> Path:
+    """Save a PNG of a forgetting monitor's history over training steps: versatility (ΔCE on general text, and KL to
+    the base model on a second axis) and, where measured, speciality (held-out task loss).
+
+    Example:
+        >>> import tempfile, os
+        >>> history = [{"step": 0, "ce_increase": 0.0, "kl": 0.0, "eval_loss": 3.0},
+        ...            {"step": 10, "ce_increase": 0.02, "kl": 0.01, "eval_loss": 2.1}]
+        >>> plot_training_history(history, os.path.join(tempfile.mkdtemp(), "monitor.png")).suffix
+        '.png'
+    """
+    if not history:
+        raise ValueError("the history is empty: nothing was measured, so there is nothing to plot.")
+    missing = [key for key in ("step", "ce_increase", "kl") if any(key not in record for record in history)]
+    if missing:
+        raise ValueError(f"every history record needs 'step', 'ce_increase' and 'kl'; some lack {missing}.")
+    steps = [record["step"] for record in history]
+    special = [record for record in history if "eval_loss" in record]
+    figure = Figure(figsize=(11 if special else 6, 4), dpi=110, layout="constrained")
+    axes = figure.subplots(1, 2 if special else 1, squeeze=False)[0]
+    ax = axes[0]
+    ax.plot(steps, [record["ce_increase"] for record in history], "b.-", label="ΔCE (general text)")
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("ΔCE = CE_tuned - CE_base (nats)", color="b")
+    kl = ax.twinx()
+    kl.plot(steps, [record["kl"] for record in history], "r.--", label="KL(base || tuned)")
+    kl.set_ylabel("KL to the base model (nats/position)", color="r")
+    lines = ax.get_lines()[:1] + kl.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper left")
+    ax.set_title("versatility (lower is better)", fontsize=10)
+    if special:
+        axes[1].plot([r["step"] for r in special], [r["eval_loss"] for r in special], "g.-")
+        axes[1].set_xlabel("step")
+        axes[1].set_ylabel("held-out task loss")
+        axes[1].set_title("speciality (lower is better)", fontsize=10)
+    figure.suptitle(title or f"forgetting monitor: {len(history)} measurements", fontsize=11)
     return _save(figure, path)
 
 

@@ -1,0 +1,127 @@
+"""Shared parts of the training-integration examples (``train_with_*.py``, ``monitor_forgetting.py``).
+
+Each example runs on the same task as ``quickstart.py`` (``benchmarks.tasks``): SmolLM2-135M-Instruct learning
+English->French words, or with ``--tiny`` a random 8-layer Llama and a synthetic dictionary (seconds, no extras).
+The CoFi model is the quickstart's: FFN ``up_proj``/``down_proj`` of the ``bottom2`` layers, with a soft mask from
+KL-dropout importance on general text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from benchmarks.resources import collate, smollm2_cache_dir
+from benchmarks.tasks import Example, Task, real_task, tiny_task
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from peft_cofi import CoFiConfig, UnitImportance, compute_importance
+from peft_cofi.evaluation import mean_loss
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every example takes."""
+    out = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    out.add_argument("--tiny", action="store_true", help="random tiny Llama + synthetic data (seconds, no extras)")
+    out.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
+    out.add_argument("--seed", type=int, default=0)
+    out.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-4; 3e-3 with --tiny)")
+    out.add_argument("--batch-size", type=int, default=8)
+    out.add_argument("--max-len", type=int, default=64, help="truncate examples to this many tokens")
+    out.add_argument("--out", type=Path, default=None, help="output dir (default: a new temp dir)")
+    return out
+
+
+def prepare(args: argparse.Namespace, prefix: str) -> Task:
+    """Fill in the defaults that depend on ``--tiny`` (``lr``, ``out``), seed torch, and load the task."""
+    args.lr = args.lr or (3e-3 if args.tiny else 2e-4)
+    args.out = args.out or Path(tempfile.mkdtemp(prefix=f"peft-cofi-{prefix}-"))
+    if args.steps < 1 or args.batch_size < 1:
+        raise SystemExit(f"--steps ({args.steps}) and --batch-size ({args.batch_size}) must be at least 1.")
+    torch.manual_seed(args.seed)
+    task = tiny_task(args.seed, n_train=96, n_eval=24) if args.tiny else real_task(args.seed, n_train=256, n_eval=64)
+    print(f"data: {len(task.train)} train / {len(task.held_out)} held-out examples; output: {args.out}")
+    return task
+
+
+def general_examples(task: Task, n: int = 32, seed: int = 0) -> list[Example]:
+    """General text to measure forgetting on: the task's (WordNet glosses for SmolLM2), else random token sequences
+    (the tiny task's base model is random, so any text is as general as any other)."""
+    if task.general:
+        return task.general[:n]
+    generator = torch.Generator().manual_seed(seed)
+    vocab = task.base.config.vocab_size
+    rows = torch.randint(3, vocab, (n, 12), generator=generator).tolist()
+    return [{"input_ids": row, "labels": list(row)} for row in rows]
+
+
+def batches(examples: list[Example], task: Task, args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of ``args.batch_size`` examples, truncated to ``args.max_len`` tokens."""
+    size = args.batch_size
+    return [collate(examples[i : i + size], task.pad_id, args.max_len) for i in range(0, len(examples), size)]
+
+
+def data_collator(task: Task, args: argparse.Namespace) -> Callable[[list[Example]], dict[str, torch.Tensor]]:
+    """A collator for ``Trainer``/``DataLoader``: right-pads a list of examples into a batch."""
+    return functools.partial(collate, pad_token_id=task.pad_id, max_length=args.max_len)
+
+
+def cofi_importance(task: Task, args: argparse.Namespace) -> UnitImportance:
+    """KL-dropout importance of the bottom2 FFN projections' units on 32 general examples (the fine level)."""
+    known = batches(general_examples(task, 32, args.seed), task, args)
+    return compute_importance(task.base, known, config=CoFiConfig(layers_to_transform="bottom2"), progress=False)
+
+
+def cofi_model(task: Task, args: argparse.Namespace) -> nn.Module:
+    """The quickstart's CoFi model: bottom2 FFN projections, soft mask from :func:`cofi_importance`."""
+    config = CoFiConfig(layers_to_transform="bottom2", importance=cofi_importance(task, args))
+    model = get_peft_model(task.base, config)
+    model.print_trainable_parameters()
+    return model
+
+
+def tokenizer_for(task: Task, tiny: bool) -> Any:
+    """A tokenizer for trainers that need one (TRL): SmolLM2's, or for the tiny task a word-level one whose ids are
+    the tiny task's (``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, then ``t3`` ... ``t255``)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if not tiny:
+        return AutoTokenizer.from_pretrained(smollm2_cache_dir())
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + [f"t{i}" for i in range(3, task.base.config.vocab_size)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def held_out_loss(model: nn.Module, task: Task, args: argparse.Namespace) -> float:
+    """Token-weighted held-out task loss."""
+    return mean_loss(model, batches(task.held_out, task, args))
+
+
+def check_reload(model: nn.Module, adapter_dir: Path, task: Task, args: argparse.Namespace) -> bool:
+    """Reload the saved adapter onto a fresh base model and compare logits with the trained model; print the result."""
+    files = sorted(p.name for p in adapter_dir.iterdir())
+    size = (adapter_dir / "adapter_model.safetensors").stat().st_size
+    print(f"adapter: {adapter_dir} ({size:,} bytes; files: {', '.join(files)})")
+    device = next(model.parameters()).device
+    reloaded = PeftModel.from_pretrained(task.fresh_base(), adapter_dir).to(device).eval()
+    model.eval()
+    batch = {k: v.to(device) for k, v in collate(task.held_out[: args.batch_size], task.pad_id, args.max_len).items()}
+    with torch.no_grad():
+        logits, logits_reloaded = model(**batch).logits, reloaded(**batch).logits
+    ok = torch.equal(logits, logits_reloaded)
+    difference = (logits - logits_reloaded).abs().max().item()
+    print(f"reload check: {'PASSED' if ok else 'FAILED'} (max |logit difference| = {difference:.3g})")
+    return ok
