@@ -166,10 +166,10 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_full(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.resources import (
-        chat_example,
         collate,
         freedict_pairs,
         load_smollm2,
+        short_translation_examples,
         split_pairs,
         text_examples,
         wordnet_sentences,
@@ -179,18 +179,11 @@ def run_full(args: argparse.Namespace) -> dict[str, Any]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_pairs, held_pairs = split_pairs(freedict_pairs(), 0.2, seed=0)
     random.Random(0).shuffle(train_pairs)
-    # Short prompts (~26 tokens): the instruction as system turn (SmolLM2's default one is ~20 tokens), the word as
-    # user turn, its translation as the answer (only the answer and end-of-turn are labelled).
-    system = [{"role": "system", "content": "Translate to French."}]
-
-    def examples(pairs):
-        return [chat_example(tokenizer, [*system, {"role": "user", "content": en}], fr) for en, fr in pairs]
-
-    train_examples = examples(train_pairs[: args.batch_size * args.steps])
+    train_examples = short_translation_examples(tokenizer, train_pairs[: args.batch_size * args.steps])
     train = [
         collate(train_examples[i : i + args.batch_size], pad) for i in range(0, len(train_examples), args.batch_size)
     ]
-    held = examples(held_pairs[:32])
+    held = short_translation_examples(tokenizer, held_pairs[:32])
     held_out = [collate(held[i : i + 16], pad) for i in range(0, len(held), 16)]
     sentences = random.Random(1).sample(wordnet_sentences(kind="examples"), 24)
     general_examples = text_examples(tokenizer, sentences)

@@ -305,6 +305,17 @@ def translation_examples(tokenizer: Any, pairs: Iterable[tuple[str, str]]) -> li
     return [chat_example(tokenizer, translation_messages(en), fr) for en, fr in pairs]
 
 
+def short_translation_examples(tokenizer: Any, pairs: Iterable[tuple[str, str]]) -> list[dict[str, list[int]]]:
+    """Short chat examples (~26 tokens): "Translate to French." as the system turn (it replaces SmolLM2's ~20-token
+    default one), the English word as the user turn, its translation as the (only labelled) answer.
+
+    Example:
+        examples = short_translation_examples(tokenizer, [("cat", "chat")])
+    """
+    system = {"role": "system", "content": "Translate to French."}
+    return [chat_example(tokenizer, [system, {"role": "user", "content": en}], fr) for en, fr in pairs]
+
+
 def text_examples(tokenizer: Any, texts: Iterable[str]) -> list[dict[str, list[int]]]:
     """Plain-text language-modelling examples (every token is a label), e.g. to measure forgetting.
 

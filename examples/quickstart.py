@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from benchmarks.resources import collate
 from benchmarks.tasks import mean_loss, real_task, tiny_task, train
+from examples.common import cofi_importance
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from peft_cofi import CoFiConfig, compute_importance  # importing peft_cofi registers the 'cofi' method
+from peft_cofi import CoFiConfig  # importing peft_cofi registers the 'cofi' method
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,12 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # Coarse level of CoFiTune: FFN up_proj/down_proj of the layers in the (25%, 50%] depth window.
     # Fine level: how much each output unit of those modules matters to the base model on general text (the paper's
     # KL-dropout importance), turned into a soft mask on the updates.
-    window = CoFiConfig(layers_to_transform="bottom2")
-    known = task.general or task.train
-    batches = [
-        collate(known[i : i + args.batch_size], task.pad_id, args.max_len) for i in range(0, 32, args.batch_size)
-    ]
-    importance = compute_importance(task.base, batches, config=window, progress=False)
+    importance = cofi_importance(task, args)
     model = get_peft_model(task.base, CoFiConfig(layers_to_transform="bottom2", importance=importance))
     factors = torch.cat([m.cofi_mask["default"] for m in model.modules() if hasattr(m, "cofi_mask")])
     print(

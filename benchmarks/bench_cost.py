@@ -1,0 +1,222 @@
+"""Cost benchmark: training-step time and peak memory of CoFi (each mask mode) against plain fine-tuning of the same
+modules without a mask, full fine-tuning, and LoRA.
+
+Each measurement runs in a fresh child process (so peak memory is that variant's alone): it loads the base model,
+resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), builds the variant, takes warm-up steps, times
+``--steps`` AdamW steps, and reports the median step time and the peak resident memory above the loaded base model
+(the variant's trainable copies, gradients, optimizer state and activations). The parent runs every variant once per
+repeat, in a rotated order, for ``--repeats`` repeats; ratios are taken within a repeat and their medians reported,
+so slow drifts of the machine's load cancel. Results go to ``cost.json`` / ``cost.md`` (``cost_quick`` with
+``--quick``)::
+
+    python -m benchmarks.bench_cost            # SmolLM2-135M-Instruct, batch 8 x 64 tokens (~10 min)
+    python -m benchmarks.bench_cost --quick    # tiny random Llama (CI, ~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from benchmarks.tasks import RESULTS_DIR
+from peft_cofi import CoFiConfig, UnitImportance
+from peft_cofi.selection import matched_modules, resolve_selection
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("cofi-update", "cofi-grad", "same-modules", "full", "lora")
+TARGETS = {  # (ratio name, numerator, denominator, target or None)
+    "cofi-update / same-modules time": ("cofi-update", "same-modules", "seconds", 1.05),
+    "cofi-grad / same-modules time": ("cofi-grad", "same-modules", "seconds", 1.05),
+    "cofi-update / full time": ("cofi-update", "full", "seconds", 0.6),
+    "cofi-update / full peak memory": ("cofi-update", "full", "peak_mb", 0.5),
+    "cofi-grad / full peak memory": ("cofi-grad", "full", "peak_mb", 0.5),
+    "cofi-update / same-modules peak memory": ("cofi-update", "same-modules", "peak_mb", None),
+    "cofi-update / lora time": ("cofi-update", "lora", "seconds", None),
+    "cofi-update / lora peak memory": ("cofi-update", "lora", "peak_mb", None),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny random Llama (CI)")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats of every variant (default 5; 1 quick)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per child (default 6; 3 quick)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (1 if args.quick else 5)
+    args.steps = args.steps or (3 if args.quick else 6)
+    return args
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def load_base(quick: bool) -> nn.Module:
+    if quick:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        return LlamaForCausalLM(config)
+    from benchmarks.resources import load_smollm2
+
+    return load_smollm2()[0]
+
+
+def build(variant: str, model: nn.Module) -> nn.Module:
+    """The variant's trainable model. CoFi and same-modules train FFN up/down in ``bottom2`` (the paper's pick)."""
+    paper = resolve_selection(CoFiConfig(layers_to_transform="bottom2"), model, model.config.to_dict())
+    if variant.startswith("cofi"):
+        modules = matched_modules(model, paper)
+        scores = {name: torch.rand(m.weight.shape[0]) for name, m in modules.items()}  # cost does not depend on it
+        importance = UnitImportance(scores, tokens=1)
+        return get_peft_model(
+            model,
+            CoFiConfig(layers_to_transform="bottom2", importance=importance, mask_mode=variant.removeprefix("cofi-")),
+        )
+    for p in model.parameters():
+        p.requires_grad_(variant == "full")
+    if variant == "same-modules":
+        for module in matched_modules(model, paper).values():
+            module.weight.requires_grad_(True)
+        return model
+    if variant == "lora":
+        return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    return model
+
+
+def child(args: argparse.Namespace) -> None:
+    """Measure one variant in this fresh process and print its figures as JSON."""
+    torch.manual_seed(0)
+    model = load_base(args.quick)
+    vocab = model.config.vocab_size
+    batch = {"input_ids": torch.randint(3, vocab, (args.batch_size, args.seq_len))}
+    batch["labels"] = batch["input_ids"].clone()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS: the loaded base model
+    base_kib = _status_kib("VmRSS")
+    model = build(args.child, model).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    times = []
+    for step in range(args.steps + 2):  # two warm-up steps: the optimizer state is created on the first
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= 2:
+            times.append(time.perf_counter() - start)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    peak_mb = (_status_kib("VmHWM") - base_kib) / 1024
+    print(json.dumps({"seconds": statistics.median(times), "peak_mb": peak_mb, "trainable": trainable}))
+
+
+def measure(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_cost",
+        "--child",
+        variant,
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        *(["--quick"] * args.quick),
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"child {variant} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    repeats: list[dict[str, dict[str, Any]]] = []
+    for r in range(args.repeats):
+        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+        repeats.append({variant: measure(args, variant) for variant in order})
+        print(
+            f"repeat {r + 1}/{args.repeats}: "
+            + ", ".join(f"{v} {m['seconds']:.3f} s {m['peak_mb']:.0f} MiB" for v, m in repeats[-1].items()),
+            flush=True,
+        )
+    variants = {
+        v: {
+            "seconds": statistics.median(rep[v]["seconds"] for rep in repeats),
+            "peak_mb": statistics.median(rep[v]["peak_mb"] for rep in repeats),
+            "trainable": repeats[0][v]["trainable"],
+        }
+        for v in VARIANTS
+    }
+    ratios = {}
+    for name, (num, den, key, target) in TARGETS.items():
+        value = statistics.median(rep[num][key] / rep[den][key] for rep in repeats)
+        ratios[name] = {"value": value, "target": target, "met": None if target is None else value <= target}
+    return {"variants": variants, "ratios": ratios, "repeats": repeats}
+
+
+def write_report(results: dict[str, Any], out: Path, stem: str) -> None:
+    s = results["settings"]
+    lines = [
+        f"# Cost: step time and peak memory ({results['model']})",
+        "",
+        f"batch {s['batch_size']} x {s['seq_len']} tokens, AdamW, float32, CPU ({results['threads']} threads); "
+        f"{s['steps']} timed steps per child process, {s['repeats']} repeats alternating the variants; "
+        "medians. Peak memory: resident memory above the loaded base model.",
+        "",
+        "| variant | trainable | step s | peak MiB |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {v} | {m['trainable']:,} | {m['seconds']:.3f} | {m['peak_mb']:.0f} |"
+        for v, m in results["variants"].items()
+    ]
+    lines += ["", "| ratio (median over repeats) | value | target | met |", "|---|---|---|---|"]
+    for name, r in results["ratios"].items():
+        target = "—" if r["target"] is None else f"≤ {r['target']}"
+        met = "—" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        lines.append(f"| {name} | {r['value']:.3f} | {target} | {met} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child(args)
+        return 0
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    results = run(args)
+    results["model"] = "tiny random Llama" if args.quick else "SmolLM2-135M-Instruct"
+    results["threads"] = torch.get_num_threads()
+    results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "child"}
+    stem = "cost_quick" if args.quick else "cost"
+    write_report(results, args.out_dir, stem)
+    print((args.out_dir / f"{stem}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The fine-tuning methods the fronts benchmark compares, each a function that makes a fresh base model trainable.
+
+Every method trains with the same loop, data, steps and seeds (``benchmarks.tasks.train``); only which weights move,
+and how, differs. Learning-rate grids are per method (a LoRA adapter needs a larger rate than a full fine-tune):
+each method is run at every rate of its grid, so that fronts, not points, are compared.
+
+Example:
+    >>> [m.name for m in METHODS][:3]
+    ['full', 'lora-all', 'lora-ffn']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft import LoraConfig, OSFConfig, get_peft_model
+from peft.helpers import KappaTuneSelector
+from torch import nn
+
+from peft_cofi import CoFiConfig, UnitImportance
+
+FFN = ["gate_proj", "up_proj", "down_proj"]
+LORA_RANK = 16
+KAPPA_TOP_P = 0.2  # KappaTune: LoRA on the 20% of linear modules with the lowest condition number
+
+
+@dataclass
+class Context:
+    """What the builders share: the importance of every FFN unit and the searched coarse configuration."""
+
+    importance: UnitImportance
+    searched_modules: list[str]
+    searched_layers: list[int]
+    kappa_targets: list[str] = field(default_factory=list)  # filled on first use (an SVD of every linear module)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    lrs: tuple[float, ...]
+    build: Callable[[nn.Module, Context], nn.Module]
+    family: str  # plot colour group: "baseline", "lora", "cofi"
+
+
+def full_fine_tuning(model: nn.Module, ctx: Context) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def lora(target_modules: Any) -> Callable[[nn.Module, Context], nn.Module]:
+    def build(model: nn.Module, ctx: Context) -> nn.Module:
+        config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, target_modules=target_modules)
+        return get_peft_model(model, config)
+
+    return build
+
+
+def kappatune_lora(model: nn.Module, ctx: Context) -> nn.Module:
+    if not ctx.kappa_targets:
+        selector = KappaTuneSelector(model, show_progress=False)
+        ctx.kappa_targets = [name for name in selector.get_best_targets(top_p=KAPPA_TOP_P) if "lm_head" not in name]
+    return lora(list(ctx.kappa_targets))(model, ctx)
+
+
+def osf(model: nn.Module, ctx: Context) -> nn.Module:
+    # OSF freezes the top half of each weight's singular directions and trains the rest (peft's default rank).
+    return get_peft_model(model, OSFConfig(target_modules=FFN))
+
+
+def cofi(mask_mode: str | None = None, sharpness: float = 1.0, searched: bool = False):
+    """CoFi on the paper's coarse pick (FFN up/down in ``bottom2``) or the searched one, with or without a mask."""
+
+    def build(model: nn.Module, ctx: Context) -> nn.Module:
+        coarse: dict[str, Any] = {"layers_to_transform": "bottom2"}
+        if searched:
+            coarse = {"target_modules": ctx.searched_modules, "layers_to_transform": ctx.searched_layers}
+        fine: dict[str, Any] = {}
+        if mask_mode is not None:
+            fine = {"importance": ctx.importance, "mask_mode": mask_mode, "mask_sharpness": sharpness}
+        return get_peft_model(model, CoFiConfig(**coarse, **fine))
+
+    return build
+
+
+FULL_LRS = (3e-6, 1e-5, 3e-5, 1e-4)
+LORA_LRS = (1e-4, 3e-4, 1e-3)
+COFI_LRS = (3e-5, 1e-4, 3e-4)
+
+METHODS: list[Method] = [
+    Method("full", "full fine-tuning", FULL_LRS, full_fine_tuning, "baseline"),
+    Method("lora-all", f"LoRA r{LORA_RANK}, all linear", LORA_LRS, lora("all-linear"), "lora"),
+    Method("lora-ffn", f"LoRA r{LORA_RANK}, FFN only", LORA_LRS, lora(FFN), "lora"),
+    Method("kappatune", f"KappaTune LoRA r{LORA_RANK} (top {KAPPA_TOP_P:.0%})", LORA_LRS, kappatune_lora, "lora"),
+    Method("osf", "OSF (FFN, half rank)", (1e-5, 3e-5, 1e-4), osf, "baseline"),
+    Method("cofi-coarse", "CoFi coarse (bottom2 up/down), no mask", COFI_LRS, cofi(), "cofi"),
+    Method("cofi-grad", "CoFi + paper gradient mask", COFI_LRS, cofi("grad"), "cofi"),
+    Method("cofi-update-0.5", "CoFi + update mask, t=0.5", COFI_LRS, cofi("update", 0.5), "cofi"),
+    Method("cofi-update-1", "CoFi + update mask, t=1", COFI_LRS, cofi("update", 1.0), "cofi"),
+    Method("cofi-searched", "CoFi searched coarse + update mask, t=1", COFI_LRS, cofi("update", 1.0, True), "cofi"),
+]

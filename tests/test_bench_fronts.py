@@ -1,0 +1,72 @@
+"""The fronts and cost benchmarks' --quick modes run end to end; the fronts report's front arithmetic is right."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_cost, bench_fronts  # noqa: E402
+from benchmarks.fronts_methods import METHODS  # noqa: E402
+from benchmarks.fronts_report import interpolate, matched_comparison, pareto  # noqa: E402
+
+
+def test_pareto_keeps_exactly_the_undominated_points():
+    points = [(1.0, 0.1), (2.0, 0.3), (1.5, 0.4), (2.0, 0.3), (0.5, 0.1)]
+    assert pareto(points) == [0, 1, 3]  # (1.5, 0.4) is dominated by (2.0, 0.3); (0.5, 0.1) by (1.0, 0.1)
+
+
+def test_interpolate_is_linear_inside_the_front_and_none_outside():
+    front = [(1.0, 0.1), (3.0, 0.5)]
+    assert interpolate(front, 2.0) == pytest.approx(0.3)
+    assert interpolate(front, 0.5) is None and interpolate(front, 3.5) is None
+
+
+def test_matched_comparison_against_full_fine_tuning():
+    def row(method, lr, gain, forgetting):
+        return {"method": method, "lr": lr, "speciality_gain": gain, "retention_ce_increase": forgetting}
+
+    rows = [
+        row("full", 1e-5, 1.0, 0.1),
+        row("full", 1e-4, 3.0, 0.5),
+        row("cofi", 1e-4, 2.0, 0.2),
+        row("lora", 1e-3, 2.0, 0.4),
+    ]
+    by_method = {c["method"]: c for c in matched_comparison(rows) if c["method"] != "full"}
+    assert by_method["cofi"]["difference"] == pytest.approx(-0.1) and not by_method["cofi"]["dominated_by_reference"]
+    assert by_method["lora"]["difference"] == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_quick_fronts_benchmark_runs_every_method_and_writes_the_report(tmp_path):
+    bench_fronts.main(["--quick", "--out-dir", str(tmp_path)])
+    document = json.loads((tmp_path / "fronts_quick.json").read_text())
+    assert {r["method"] for r in document["rows"]} == {m.name for m in METHODS}
+    assert all(r["seeds"] in (1, 2) for r in document["rows"])
+    assert any(r["seeds"] == 2 for r in document["rows"])  # the settings on the fronts got a second seed
+    full = next(r for r in document["rows"] if r["method"] == "full")
+    cofi = next(r for r in document["rows"] if r["method"] == "cofi-coarse")
+    assert cofi["trainable_params"] < full["trainable_params"] and cofi["checkpoint_bytes"] < full["checkpoint_bytes"]
+    assert (tmp_path / "fronts_quick.md").read_text().startswith("# Fronts")
+    assert (tmp_path / "fronts_quick.png").read_bytes()[:4] == b"\x89PNG"
+    # a second call reuses every cached run and rewrites the same table
+    before = (tmp_path / "fronts_quick_runs.jsonl").read_text()
+    bench_fronts.main(["--quick", "--out-dir", str(tmp_path), "--report-only"])
+    assert (tmp_path / "fronts_quick_runs.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_quick_cost_benchmark_measures_every_variant(tmp_path):
+    bench_cost.main(["--quick", "--out-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "cost_quick.json").read_text())
+    variants = results["variants"]
+    assert set(variants) == set(bench_cost.VARIANTS)
+    assert all(v["seconds"] > 0 and v["peak_mb"] > 0 for v in variants.values())
+    assert variants["cofi-update"]["trainable"] == variants["same-modules"]["trainable"] < variants["full"]["trainable"]
+    assert set(results["ratios"]) == set(bench_cost.TARGETS)
