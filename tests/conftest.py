@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
+from tiny_models import FACTORIES, VOCAB
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tiny models gain nothing from intra-op threads, and on a busy machine thread contention slows them 10-20x.
 torch.set_num_threads(1)
-
-from tiny_models import FACTORIES, VOCAB
 
 
 @pytest.fixture(params=sorted(FACTORIES))
