@@ -9,8 +9,9 @@ learning rate of its grid; each run is scored on
   cross-entropy increase on the base model's own greedy answers to fixed general instructions.
 
 Then the settings on each method's front (not dominated within its own sweep) are rerun with more seeds, and the
-report (``RESULTS.md``-style markdown, JSON, a fronts PNG) compares fronts. Runs are cached in a JSONL file, so an
-interrupted benchmark resumes where it stopped::
+report (``RESULTS.md``-style markdown, JSON, a fronts PNG) compares fronts. Runs are cached in
+``<name>_runs.jsonl`` and the mask importance in ``<name>_importance.safetensors`` (delete it, or pass another
+``--name``, when the general data change), so an interrupted benchmark resumes where it stopped::
 
     python -m benchmarks.bench_fronts                  # SmolLM2-135M-Instruct, FreeDict eng-fra, WordNet (~1.5 h)
     python -m benchmarks.bench_fronts --quick          # tiny random Llama, synthetic task (CI, ~1 min)
@@ -71,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=[m.name for m in METHODS], help="method names to run")
     parser.add_argument("--seeds", type=int, default=None, help="seeds for the settings on fronts (default 3; 2 quick)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 24; 4 quick)")
-    parser.add_argument("--report-only", action="store_true", help="write the report from the cached runs")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the cached runs only")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr-scale", type=float, default=None, help="multiply every grid (default 1; 10 quick)")
     parser.add_argument("--dictionary", default=FREEDICT_ENG_FRA, help="a FreeDict dictd file (the speciality)")
@@ -266,12 +267,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    setup = quick_setup(args) if args.quick else real_setup(args)
-    print(f"base model: {json.dumps({k: round(v, 4) for k, v in setup.base.items()})}", flush=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     cache = args.out_dir / f"{args.name}_runs.jsonl"
-    records = run_all(args, setup, cache)
-    write_report(records, setup.base, METHODS, setup.description, settings, args.out_dir, args.name)
+    saved_setup = args.out_dir / f"{args.name}_setup.json"  # the base model's scores: a report needs no model
+    if args.report_only and saved_setup.is_file() and cache.is_file():
+        base, description = json.loads(saved_setup.read_text()).values()
+        records = [r for r in map(json.loads, cache.read_text().splitlines()) if r["method"] in args.methods]
+    else:
+        setup = quick_setup(args) if args.quick else real_setup(args)
+        base, description = setup.base, setup.description
+        saved_setup.write_text(json.dumps({"base": base, "description": description}, indent=1))
+        print(f"base model: {json.dumps({k: round(v, 4) for k, v in base.items()})}", flush=True)
+        records = run_all(args, setup, cache)
+    write_report(records, base, METHODS, description, settings, args.out_dir, args.name)
     print(f"wrote {args.out_dir / args.name}.md/.json/.png in {time.perf_counter() - start:.0f} s")
     return 0
 
