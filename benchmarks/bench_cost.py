@@ -29,7 +29,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from benchmarks.tasks import RESULTS_DIR
+from benchmarks.tasks import RESULTS_DIR, tiny_task
 from peft_cofi import CoFiConfig, UnitImportance
 from peft_cofi.selection import matched_modules, resolve_selection
 
@@ -68,18 +68,7 @@ def _status_kib(field: str) -> int:
 
 def load_base(quick: bool) -> nn.Module:
     if quick:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=8,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        return LlamaForCausalLM(config)
+        return tiny_task(0, n_train=1, n_eval=1).base  # the tiny random Llama the other quick modes use
     from benchmarks.resources import load_smollm2
 
     return load_smollm2()[0]
