@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     cache = args.out_dir / f"{args.name}_runs.jsonl"
     saved_setup = args.out_dir / f"{args.name}_setup.json"  # the base model's scores: a report needs no model
-    if args.report_only and saved_setup.is_file() and cache.is_file():
+    if args.report_only and not (saved_setup.is_file() and cache.is_file()):
+        raise SystemExit(f"--report-only: no cached runs at {cache} and {saved_setup}; run without it first.")
+    if args.report_only:
         base, description = json.loads(saved_setup.read_text()).values()
         records = [r for r in map(json.loads, cache.read_text().splitlines()) if r["method"] in args.methods]
     else:

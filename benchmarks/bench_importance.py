@@ -89,19 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_model(quick: bool) -> tuple[torch.nn.Module, Any, str]:
     if quick:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from benchmarks.tasks import tiny_llama
 
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=8,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        )
-        return LlamaForCausalLM(config).eval(), None, "tiny random Llama (8 layers, hidden 64)"
+        return tiny_llama(), None, "tiny random Llama (8 layers, hidden 64)"
     from benchmarks.resources import load_smollm2
 
     model, tokenizer = load_smollm2()

@@ -81,18 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def tiny_setup(batch_size: int) -> tuple[torch.nn.Module, list, list, list]:
     """A tiny random Llama, a synthetic speciality task (map each token through a fixed permutation after a
     separator) and general text sampled from the base model itself (which it therefore predicts well)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from benchmarks.tasks import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        max_position_embeddings=64,
+    model = tiny_llama(
+        vocab_size=64, hidden_size=48, intermediate_size=96, num_key_value_heads=4, max_position_embeddings=64
     )
-    model = LlamaForCausalLM(config).eval()
     generator = torch.Generator().manual_seed(1)
     permutation = torch.randperm(60, generator=generator) + 4
 

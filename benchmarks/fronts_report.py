@@ -73,25 +73,54 @@ def interpolate(front: list[tuple[float, float]], x: float) -> float | None:
     return front[0][1] if len(front) == 1 and abs(front[0][0] - x) < 1e-9 else None
 
 
+def _standard_error(row: dict[str, Any], reference: list[dict[str, Any]]) -> float | None:
+    """Standard error of ``row``'s forgetting minus full fine-tuning's interpolated at ``row``'s gain.
+
+    Seed noise enters three ways: the point's own forgetting, its gain (moving where the reference is read, times
+    the reference's slope there), and the two reference settings being interpolated. None unless all three have two
+    seeds or more (one seed says nothing of the spread).
+    """
+    for left, right in itertools.pairwise(reference):
+        if left[X] <= row[X] <= right[X]:
+            break
+    else:
+        return None
+    slope = (right[Y] - left[Y]) / (right[X] - left[X]) if right[X] > left[X] else 0.0
+    weight = (row[X] - left[X]) / (right[X] - left[X]) if right[X] > left[X] else 0.0
+    seeds = [row.get("seeds", 1), left.get("seeds", 1), right.get("seeds", 1)]
+    if min(seeds) < 2:
+        return None
+    own = (row.get(f"{Y}_std", 0.0) ** 2 + (slope * row.get(f"{X}_std", 0.0)) ** 2) / seeds[0]
+    ends = ((1 - weight) * left.get(f"{Y}_std", 0.0)) ** 2 / seeds[1] + (
+        weight * right.get(f"{Y}_std", 0.0)
+    ) ** 2 / seeds[2]
+    return (own + ends) ** 0.5
+
+
 def matched_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each method's front points against full fine-tuning's front at the same speciality gain."""
-    reference = sorted((r[X], r[Y]) for r in rows if r["method"] == REFERENCE)
-    reference = [reference[i] for i in pareto(reference)] if reference else []
+    reference_rows = sorted((r for r in rows if r["method"] == REFERENCE), key=lambda r: (r[X], r[Y]))
+    reference_rows = [reference_rows[i] for i in pareto([(r[X], r[Y]) for r in reference_rows])]
+    reference = [(r[X], r[Y]) for r in reference_rows]
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         for i in pareto([(r[X], r[Y]) for r in mine]):
             row = mine[i]
-            at_reference = interpolate(sorted(reference), row[X]) if reference else None
+            at_reference = interpolate(reference, row[X]) if reference else None
             dominated = any(x >= row[X] and y <= row[Y] and (x, y) != (row[X], row[Y]) for x, y in reference)
             out.append(
                 {
                     "method": method,
                     "lr": row["lr"],
+                    "seeds": row.get("seeds", 1),
                     X: row[X],
                     Y: row[Y],
                     "reference_forgetting": at_reference,
                     "difference": None if at_reference is None else row[Y] - at_reference,
+                    "standard_error": None
+                    if at_reference is None or method == REFERENCE
+                    else _standard_error(row, reference_rows),
                     "dominated_by_reference": dominated,
                 }
             )
@@ -172,19 +201,46 @@ def markdown(rows, comparison, base, labels, description, settings) -> str:
         "## Front points against full fine-tuning's front at the same speciality gain",
         "",
         "Negative difference: forgets less than full fine-tuning would at that gain. Blank: outside the gains "
-        "full fine-tuning's front covers.",
+        "full fine-tuning's front covers. ± is the standard error of the difference over seeds (the point's "
+        "forgetting and gain, and the two full fine-tuning settings interpolated).",
         "",
-        "| method | lr | gain | retention ΔCE | full FT's at that gain | difference | dominated by full FT |",
-        "|---|---|---|---|---|---|---|",
+        "| method | lr | seeds | gain | retention ΔCE | full FT's at that gain | difference | dominated by full FT |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in comparison:
         ref = "" if c["reference_forgetting"] is None else f"{c['reference_forgetting']:.4f}"
         diff = "" if c["difference"] is None else f"{c['difference']:+.4f}"
+        diff += "" if c["standard_error"] is None else f" ± {c['standard_error']:.4f}"
         lines.append(
-            f"| {labels.get(c['method'], c['method'])} | {c['lr']:g} | {c[X]:.3f} | {c[Y]:.4f} | {ref} | "
-            f"{diff} | {'yes' if c['dominated_by_reference'] else 'no'} |"
+            f"| {labels.get(c['method'], c['method'])} | {c['lr']:g} | {c['seeds']} | {c[X]:.3f} | {c[Y]:.4f} | "
+            f"{ref} | {diff} | {'yes' if c['dominated_by_reference'] else 'no'} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + summary_table(comparison, labels)) + "\n"
+
+
+def summary_table(comparison: list[dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    """One line per method, its own front's points joined by " / " (the README's table), as markdown lines."""
+
+    def joined(points: list[dict[str, Any]], key: str, digits: int) -> str:
+        return " / ".join("—" if p[key] is None else f"{p[key]:.{digits}f}" for p in points)
+
+    lines = [
+        "",
+        "## One line per method: its own front (the README's table)",
+        "",
+        "| method (learning rates) | seeds | gain | forgetting | full FT's forgetting at that gain |",
+        "|---|---|---|---|---|",
+    ]
+    for method in dict.fromkeys(c["method"] for c in comparison):
+        points = sorted((c for c in comparison if c["method"] == method), key=lambda c: c["lr"])
+        reference = "—" if method == REFERENCE else joined(points, "reference_forgetting", 3)
+        rates = ", ".join(f"{p['lr']:g}" for p in points)
+        lines.append(
+            f"| {labels.get(method, method)} ({rates}) | "
+            f"{' / '.join(str(p['seeds']) for p in points)} | {joined(points, X, 2)} | {joined(points, Y, 3)} | "
+            f"{reference} |"
+        )
+    return lines
 
 
 def write_report(records, base, methods, description, settings, out_dir: Path, name: str) -> dict[str, Any]:

@@ -83,24 +83,34 @@ def real_task(seed: int = 0, n_train: int = 256, n_eval: int = 64) -> Task:
     )
 
 
-def tiny_task(seed: int = 0, n_train: int = 96, n_eval: int = 24) -> Task:
-    """A random 8-layer Llama and a synthetic word dictionary: [BOS, TASK, en, SEP] -> [fr, EOS]."""
+def tiny_llama(seed: int = 0, **overrides: object) -> nn.Module:
+    """A random Llama for the quick modes (8 layers, hidden 64, vocabulary 256 unless ``overrides`` say otherwise).
+
+    Example:
+        >>> tiny_llama(num_hidden_layers=2).config.num_hidden_layers
+        2
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    settings: dict[str, object] = {
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+    }
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**(settings | overrides))).eval()
+
+
+def tiny_task(seed: int = 0, n_train: int = 96, n_eval: int = 24) -> Task:
+    """A random 8-layer Llama and a synthetic word dictionary: [BOS, TASK, en, SEP] -> [fr, EOS]."""
+    from transformers import LlamaForCausalLM
+
+    base = tiny_llama(seed, max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = base.config
     state = {k: v.clone() for k, v in base.state_dict().items()}
 
     def fresh_base() -> nn.Module:

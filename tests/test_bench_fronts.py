@@ -41,6 +41,26 @@ def test_matched_comparison_against_full_fine_tuning():
     by_method = {c["method"]: c for c in matched_comparison(rows) if c["method"] != "full"}
     assert by_method["cofi"]["difference"] == pytest.approx(-0.1) and not by_method["cofi"]["dominated_by_reference"]
     assert by_method["lora"]["difference"] == pytest.approx(0.1)
+    assert by_method["cofi"]["standard_error"] is None  # one seed each: no spread to report
+
+
+def test_matched_comparison_standard_error_combines_point_gain_and_reference_noise():
+    def row(method, gain, forgetting, gain_sd, forgetting_sd):
+        return {
+            "method": method,
+            "lr": gain,
+            "seeds": 4,
+            "speciality_gain": gain,
+            "retention_ce_increase": forgetting,
+            "speciality_gain_std": gain_sd,
+            "retention_ce_increase_std": forgetting_sd,
+        }
+
+    # full's front has slope 0.2 between gains 1 and 3; the point sits halfway, so each end weighs one half
+    rows = [row("full", 1.0, 0.1, 0.0, 0.02), row("full", 3.0, 0.5, 0.0, 0.04), row("cofi", 2.0, 0.2, 0.1, 0.03)]
+    cofi = next(c for c in matched_comparison(rows) if c["method"] == "cofi")
+    expected = ((0.03**2 + (0.2 * 0.1) ** 2) / 4 + (0.5 * 0.02) ** 2 / 4 + (0.5 * 0.04) ** 2 / 4) ** 0.5
+    assert cofi["standard_error"] == pytest.approx(expected) and cofi["seeds"] == 4
 
 
 @pytest.mark.slow

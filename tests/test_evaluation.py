@@ -26,14 +26,6 @@ from peft_cofi.evaluation import (
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def batch(seed: int = 0, rows: int = 3, length: int = 7, pad_last: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (rows, length), generator=generator)

@@ -26,15 +26,6 @@ if str(ROOT) not in sys.path:
 from benchmarks.search_landscapes import landscape_comparison  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one thread avoids oversubscription on shared cores (seconds instead of minutes).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def batches(n: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(0, VOCAB, (2, 8), generator=generator)} for _ in range(n)]

@@ -64,7 +64,7 @@ class UnitImportance:
                     f"importance for {name!r} must be a non-empty 1-D tensor (one score per unit); "
                     f"got shape {tuple(tensor.shape)}."
                 )
-            clean[_strip_wrapper_prefix(name)] = tensor.contiguous()
+            clean[strip_wrapper_prefix(name)] = tensor.contiguous()
         if not clean:
             raise ValueError("an importance set needs scores for at least one module.")
         self.scores = clean
@@ -183,7 +183,13 @@ def as_importance(source: object) -> UnitImportance:
     )
 
 
-def _strip_wrapper_prefix(name: str) -> str:
+def strip_wrapper_prefix(name: str) -> str:
+    """A module name as the bare model knows it, without a peft wrapper's ``base_model.model.`` prefix.
+
+    Example:
+        >>> strip_wrapper_prefix("base_model.model.model.layers.0.mlp.up_proj")
+        'model.layers.0.mlp.up_proj'
+    """
     for prefix in _WRAPPER_PREFIXES:
         if name.startswith(prefix):
             return name[len(prefix) :]

@@ -33,7 +33,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import CoFiConfig
-from .importance import _strip_wrapper_prefix
+from .importance import strip_wrapper_prefix
 from .layer import SUPPORTED_LAYERS
 from .selection import DEFAULT_ATTENTION_MODULES, head_geometry, matched_modules, matches_suffix, resolve_selection
 
@@ -174,7 +174,7 @@ def resolve_targets(
 def _named_modules(candidates: dict[str, nn.Module], names: Sequence[str]) -> list[tuple[str, nn.Module]]:
     if isinstance(names, str):
         names = [names]
-    wanted = list(dict.fromkeys(_strip_wrapper_prefix(name) for name in names))
+    wanted = list(dict.fromkeys(strip_wrapper_prefix(name) for name in names))
     if not wanted:
         raise ValueError("modules=[] names no module; pass module names or None to use the config's modules.")
     unknown = [name for name in wanted if name not in candidates]
