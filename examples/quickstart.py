@@ -13,7 +13,6 @@ Exits non-zero when the reloaded adapter does not reproduce the trained model's 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from benchmarks.resources import collate
 from benchmarks.tasks import mean_loss, real_task, tiny_task, train
-from examples.common import cofi_importance
+from examples.common import cofi_importance, parser
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -32,15 +31,7 @@ from peft_cofi import CoFiConfig  # importing peft_cofi registers the 'cofi' met
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="random tiny Llama + synthetic data (seconds, no extras)")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-4; 3e-3 with --tiny)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-len", type=int, default=64, help="truncate examples to this many tokens")
-    parser.add_argument("--out", type=Path, default=None, help="adapter output dir (default: a new temp dir)")
-    args = parser.parse_args(argv)
+    args = parser(__doc__).parse_args(argv)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     out = args.out or Path(tempfile.mkdtemp(prefix="peft-cofi-quickstart-"))
