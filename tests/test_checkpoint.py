@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -75,7 +74,7 @@ def test_round_trip_every_storage_and_dtype(storage, density, dtype, tokens, tmp
 def test_topk_index_dtype_is_the_smallest_that_fits(tmp_path):
     trained(storage="topk", storage_density=0.1).save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as handle:
-        idx = [handle.get_tensor(k).dtype for k in handle.keys() if k.endswith("cofi_diff_idx")]  # noqa: SIM118
+        idx = [handle.get_tensor(k).dtype for k in handle.keys() if k.endswith("cofi_delta_idx")]  # noqa: SIM118
     assert idx and set(idx) == {torch.int16}  # 48 x 32 = 1536 entries fit int16
 
 
@@ -83,22 +82,24 @@ def test_dense_size_is_the_trained_parameter_bytes_plus_a_small_constant(tmp_pat
     model = trained()
     model.save_pretrained(tmp_path)
     trainable_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
-    mask_bytes = sum(m.cofi_mask["default"].numel() * 4 for m in model.modules() if isinstance(m, CoFiLayer))
-    overhead = (tmp_path / "adapter_model.safetensors").stat().st_size - trainable_bytes - mask_bytes
+    layers = [m for m in model.modules() if isinstance(m, CoFiLayer)]
+    mask_and_print_bytes = sum(m.cofi_mask["default"].numel() * 4 + 32 for m in layers)
+    overhead = (tmp_path / "adapter_model.safetensors").stat().st_size - trainable_bytes - mask_and_print_bytes
     assert 0 < overhead < 800 * len(FFN)  # header: a few hundred bytes per module, whatever its size
 
 
 def test_header_metadata(tmp_path):
     model = trained(storage="rows", storage_dtype="bfloat16")
     model.save_pretrained(tmp_path)
-    header = read_diff_file(tmp_path / "adapter_model.safetensors").header
-    assert header["cofi_format"] == "peft-cofi-diff" and header["cofi_format_version"] == "1"
+    diff_file = read_diff_file(tmp_path / "adapter_model.safetensors")
+    header = diff_file.header.fields
+    assert header["cofi_format"] == "peft-cofi-diff" and header["cofi_format_version"] == "2"
     assert header["peft_cofi_version"] == peft_cofi.__version__
     assert header["storage"] == "rows" and header["value_dtype"] == "bfloat16" and header["mask_mode"] == "update"
-    records = json.loads(header["cofi_modules"])
-    assert sorted(records) == sorted(FFN)
+    assert sorted(diff_file.records) == sorted(FFN)
     weight = model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight
-    assert records["model.layers.0.mlp.up_proj"]["base_fingerprint"] == peft_cofi.diff_format.fingerprint(weight)
+    stored = diff_file.tensors["model.layers.0.mlp.up_proj"]["cofi_base_fingerprint"]
+    assert torch.equal(stored, peft_cofi.diff_format.fingerprint(weight))
 
 
 def corrupt(path, how: str) -> None:
@@ -120,7 +121,7 @@ def corrupt(path, how: str) -> None:
     [
         ("truncated", "not a readable safetensors file"),
         ("flipped", "corrupt \\(checksum mismatch\\)"),
-        ("version", "diff format version '99'; this peft-cofi reads version 1"),
+        ("version", "diff format version '99'; this peft-cofi reads version 2"),
     ],
 )
 def test_damaged_files_raise_and_leave_the_model_untouched(how, message, tmp_path, tokens):
@@ -143,9 +144,7 @@ def test_wrong_base_is_refused_with_the_modules_named_unless_opted_out(tmp_path,
     with pytest.raises(CheckpointError, match=r"other base weights: 8 module\(s\) differ, e.g. \['model.layers.0"):
         PeftModel.from_pretrained(other, tmp_path)
     assert_same_state(other, state)
-    config = PeftConfig.from_pretrained(tmp_path)
-    config.verify_base = False
-    forced = PeftModel.from_pretrained(other, tmp_path, config=config)
+    forced = PeftModel.from_pretrained(other, tmp_path, verify_base=False)
     for name, diff in diffs(forced).items():
         assert torch.equal(diff, diffs(model)[name])
 
@@ -171,7 +170,7 @@ def test_missing_extra_and_wrong_shape_modules(tmp_path):
     wide = tiny_llama()
     wide.model.layers[0].mlp.up_proj = torch.nn.Linear(32, 50, bias=False)
     wide.model.layers[0].mlp.down_proj = torch.nn.Linear(50, 32, bias=False)
-    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.down_proj: the checkpoint holds a \(32, 48\) diff"):
+    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.up_proj: the checkpoint holds a \(48, 32\) diff"):
         PeftModel.from_pretrained(wide, tmp_path)
     assert not any(isinstance(m, CoFiLayer) for m in wide.modules())
 
@@ -191,7 +190,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatc
             handle.truncate(os.path.getsize(filename) // 2)
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("peft_cofi.diff_format.save_file", failing_save)
+    monkeypatch.setattr("peft_cofi.atomic_io.save_file", failing_save)
     with pytest.raises(OSError, match="No space left"):
         second.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == files["adapter_model.safetensors"]
@@ -205,7 +204,7 @@ def test_save_diff_chooses_storage_at_save_time(tmp_path):
     model = trained()
     peft_cofi.save_diff(model, tmp_path, storage="topk", density=0.2, dtype="float16")
     assert model.peft_config["default"].storage == "dense"
-    header = read_diff_file(tmp_path / "adapter_model.safetensors").header
+    header = read_diff_file(tmp_path / "adapter_model.safetensors").header.fields
     assert (header["storage"], header["density"], header["value_dtype"]) == ("topk", "0.2", "float16")
     assert PeftConfig.from_pretrained(tmp_path).storage == "topk"
 

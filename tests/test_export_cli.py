@@ -101,7 +101,10 @@ def test_inspect_command(saved, capsys):
     report = json.loads(capsys.readouterr().out)
     assert len(report["modules"]) == 8
     module = report["modules"]["model.layers.0.mlp.down_proj"]
-    assert module["shape"] == [32, 48] and module["bytes"] == 32 * 48 * 4 + 32 * 4 and module["mask_mean"] == 1.0
+    assert module["shape"] == [32, 48] and module["bytes"] == 32 * 48 * 4 + 32 * 4 + 32 and module["mask_mean"] == 1.0
+    assert list(report["modules"])[:3] == [f"model.layers.0.mlp.{p}" for p in ("down_proj", "up_proj")] + [
+        "model.layers.1.mlp.down_proj"
+    ]
 
 
 def test_export_command_and_errors(saved, tmp_path, capsys):

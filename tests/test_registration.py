@@ -25,12 +25,14 @@ def test_real_enum_member_and_mappings():
 
 
 def test_registration_is_idempotent():
-    members = list(PeftType)
-    peft_cofi.register()
-    importlib.reload(importlib.import_module("peft_cofi._registration"))
-    peft_cofi.register()
+    members, save = list(PeftType), PeftModel.save_pretrained
+    peft_cofi.patches.install()
+    reloaded = importlib.reload(importlib.import_module("peft_cofi.patches"))
+    reloaded.install()
     assert list(PeftType) == members
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.COFI] is CoFiModel
+    # every wrapper wraps peft's original, never an earlier wrapper
+    assert PeftModel.save_pretrained.__peft_cofi_original__ is save.__peft_cofi_original__
 
 
 def test_all_peft_entry_points(tmp_path, tokens):

@@ -11,7 +11,7 @@ Example:
 
 __version__ = "0.1.0"
 
-from ._registration import COFI_PEFT_TYPE, register
+from . import patches
 from .checkpoint import save_diff
 from .config import CoFiConfig
 from .diff_format import CheckpointError, read_diff_file
@@ -24,7 +24,6 @@ from .monitor import ForgettingMonitor
 from .scoring import compute_importance
 
 __all__ = [
-    "COFI_PEFT_TYPE",
     "CheckpointError",
     "CoFiConfig",
     "CoFiLayer",
@@ -40,4 +39,4 @@ __all__ = [
     "save_diff",
 ]
 
-register()
+patches.install()

@@ -1,160 +1,342 @@
-"""peft glue for diff checkpoints: adapter state <-> the diff format, validated, atomic, and rolled back on failure.
+"""Adapter state <-> diff files: what a CoFi adapter writes, and the validation every load goes through.
 
-peft writes and reads ``adapter_model.safetensors`` itself, with fixed header metadata and a non-atomic write. Two
-small wrappers around peft's own safetensors calls (installed once by ``import peft_cofi``) move the CoFi header
-between the file and the state dict, and write CoFi files atomically; every other peft method passes through
-unchanged. ``CoFiModel`` calls :func:`encode_adapter_state` when saving and :func:`decode_adapter_state` when
-loading; the latter validates everything (format, checksums, modules, shapes, base fingerprints) before a single
-weight is touched.
+The layer's own state (``cofi_delta``, ``cofi_mask``, ``cofi_base_fingerprint``) is what peft's
+``get_peft_model_state_dict`` returns and what a dense file stores, so any loader that maps file keys onto
+parameters gets it right. On top of that, :func:`save_adapters` (``PeftModel.save_pretrained`` of CoFi models)
+encodes the chosen storage, writes a header with checksums and commits the folder atomically, and
+:func:`decode_adapter_state` (called by ``CoFiModel`` for every load) checks a file against the model before a
+single weight changes: exactly the expected tensors, sound values, intact bytes, the right base weights.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from peft.utils import get_peft_model_state_dict
+from peft.utils.other import AuxiliaryTrainingWrapper
 
+from .atomic_io import staged_folder, write_atomic
+from .config import CoFiConfig
 from .diff_format import (
+    CONFIG_NAME,
+    DELTA,
+    FINGERPRINT,
+    FINGERPRINT_BYTES,
+    MASK,
+    PEFT_PREFIX,
+    WEIGHTS_NAME,
     CheckpointError,
+    Header,
     build_header,
     checksum,
-    decode_diff,
-    encode_diff,
-    fingerprint,
+    decode_delta,
+    encode_delta,
+    is_cofi_header,
     parse_header,
-    write_atomic,
+    read_header,
+    same_base,
+    split_key,
 )
-
-HEADER_KEY = "__cofi_header__"  # carries the header through peft's state-dict plumbing as a uint8 tensor
-ERROR_KEY = "__cofi_read_error__"  # carries a read failure to the tuner, which can roll the model back
-_PEFT_PREFIX = "base_model.model."
-_DIFF_SUFFIXES = ("cofi_diff", "cofi_diff_rows", "cofi_diff_idx")
+from .hub import write_model_card
+from .layer import CoFiLayer
+from .mask import delta_from_diff, masked_diff
 
 
-def _bytes_tensor(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
+@dataclass
+class LoadContext:
+    """What one loading call knows beyond the tensors: the caller's base-check choice and the headers of the files
+    peft read during the call (recorded by the patched ``safe_load_file``)."""
+
+    verify_base: bool = True
+    headers: list[dict[str, str]] = field(default_factory=list)
 
 
-def _tensor_text(tensor: torch.Tensor) -> str:
-    return bytes(tensor.to(torch.uint8).tolist()).decode()
+_LOADING: contextvars.ContextVar[LoadContext | None] = contextvars.ContextVar("peft_cofi_loading", default=None)
+
+
+@contextlib.contextmanager
+def loading(verify_base: bool | None = None) -> Iterator[LoadContext]:
+    """Scope one loading call: files read inside it have their headers checked by :func:`decode_adapter_state`.
+    ``verify_base=None`` keeps the choice of an enclosing call (``PeftModel.from_pretrained`` calls ``load_adapter``),
+    else checks the base."""
+    outer = _LOADING.get()
+    if verify_base is None:
+        verify_base = outer.verify_base if outer is not None else True
+    token = _LOADING.set(LoadContext(verify_base=verify_base))
+    try:
+        yield _LOADING.get()
+    finally:
+        _LOADING.reset(token)
+
+
+def record_header(path: str | os.PathLike) -> None:
+    """Remember the header of a file read inside a :func:`loading` scope (no-op outside one)."""
+    context = _LOADING.get()
+    if context is not None:
+        context.headers.append(read_header(path))
+
+
+def adapter_layers(model: torch.nn.Module, adapter_name: str) -> dict[str, CoFiLayer]:
+    """The CoFi layers that hold ``adapter_name``, by module name without peft's prefix, in model order."""
+    return {
+        name.removeprefix(PEFT_PREFIX): module
+        for name, module in model.named_modules()
+        if isinstance(module, CoFiLayer) and adapter_name in module.cofi_delta
+    }
+
+
+def auxiliary_keys(model: torch.nn.Module, adapter_name: str) -> dict[str, str]:
+    """The adapter's ``modules_to_save`` (and other auxiliary) tensors: the key peft hands to the tuner when loading
+    -> the key in the file, both without peft's prefix."""
+    return {
+        f"{name}.{model_key}": f"{name}.{file_key}"
+        for name, module in ((n.removeprefix(PEFT_PREFIX), m) for n, m in model.named_modules())
+        if isinstance(module, AuxiliaryTrainingWrapper)
+        for file_key, model_key in module.adapter_state_dict_load_map(adapter_name).items()
+    }
 
 
 def encode_adapter_state(
-    model: torch.nn.Module, config: Any, adapter_name: str, selected: dict[str, torch.Tensor], full_state: dict
-) -> dict[str, torch.Tensor]:
-    """Turn an adapter's ``cofi_delta``/``cofi_mask`` entries into stored diff tensors plus the header carrier."""
-    from .layer import CoFiLayer
+    model: torch.nn.Module, config: CoFiConfig, adapter_name: str, state: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The file form of an adapter's state dict (as ``get_peft_model_state_dict`` returns it): the tensors in the
+    config's storage mode, and the header (docs/FORMAT.md).
 
-    delta_tag, mask_tag = f".cofi_delta.{adapter_name}", f".cofi_mask.{adapter_name}"
-    out = {k: v for k, v in selected.items() if not (k.endswith(delta_tag) or k.endswith(mask_tag))}
-    modules: dict[str, dict] = {}
-    for key in sorted(k for k in selected if k.endswith(delta_tag)):
-        prefix = key[: -len(delta_tag)]
-        layer = _find_module(model, prefix)
-        if isinstance(layer, CoFiLayer) and layer.merged:
-            raise ValueError(
-                f"{prefix} has its adapter merged into the base weight; call unmerge_adapter() before saving so the "
-                "checkpoint records the true base weights."
-            )
-        mask = selected[prefix + mask_tag].detach().to("cpu", torch.float32)
-        diff = selected[key].detach().to("cpu", torch.float32)
-        if config.mask_mode == "update":
-            diff = diff * mask.unsqueeze(1)
-        encoded = encode_diff(
-            diff, config.storage, config.storage_density, config.storage_dtype, config.storage_tolerance
-        )
-        stored = {**encoded.tensors, "cofi_mask": mask.contiguous()}
-        for suffix, tensor in stored.items():
-            out[f"{prefix}.{suffix}.{adapter_name}"] = tensor
-        base_weight = full_state.get(prefix + ".base_layer.weight")
-        if base_weight is None:
-            raise ValueError(f"cannot find the base weight of {prefix} to fingerprint it.")
-        modules[prefix.removeprefix(_PEFT_PREFIX)] = {
-            **encoded.info,
-            "base_fingerprint": fingerprint(base_weight),
-            "layout": "conv1d" if getattr(layer, "is_conv1d", False) else "linear",
-            "checksum": checksum(stored),
-        }
+    Raises:
+        ValueError: a module's state is not finite or overflows the storage dtype (the module is named).
+    """
+    layers = adapter_layers(model, adapter_name)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        module, suffix = split_key(key)
+        if suffix:
+            grouped.setdefault(module, {})[suffix] = tensor
+        else:
+            tensors[key] = tensor
+    others = {key.removeprefix(PEFT_PREFIX): checksum({key.removeprefix(PEFT_PREFIX): t}) for key, t in tensors.items()}
+    prefix = PEFT_PREFIX if any(key.startswith(PEFT_PREFIX) for key in state) else ""
+    records = {}
+    for module, stored in grouped.items():
+        mask = stored[MASK].detach().to("cpu", torch.float32)
+        try:
+            encoded = encode_delta(
+                stored[DELTA], mask, config.mask_mode, config.storage, config.storage_density,
+                config.storage_dtype, config.storage_tolerance,
+            )  # fmt: skip
+        except ValueError as error:
+            raise ValueError(f"cannot save adapter {adapter_name!r}: module {module}: {error}") from error
+        written = {**encoded.tensors, MASK: mask.contiguous(), FINGERPRINT: stored[FINGERPRINT].detach().cpu()}
+        tensors.update({f"{prefix}{module}.{suffix}": tensor for suffix, tensor in written.items()})
+        layout = "conv1d" if getattr(layers.get(module), "is_conv1d", False) else "linear"
+        records[module] = {**encoded.info, "layout": layout, "checksum": checksum(written)}
     header = build_header(
-        modules,
+        records,
+        others,
         storage=config.storage,
         density=config.storage_density,
         value_dtype=config.storage_dtype,
         mask_mode=config.mask_mode,
-        base_model=config.base_model_name_or_path or _name_or_path(model),
+        base_model=config.base_model_name_or_path,
         base_revision=config.revision,
     )
-    out[HEADER_KEY] = _bytes_tensor(json.dumps(header))
-    return out
+    return tensors, header
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a loaded module's tensors are checked against: the diff's shape and the base weight."""
+
+    shape: tuple[int, int]
+    weight: torch.Tensor
 
 
 def decode_adapter_state(
-    model: torch.nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    model: torch.nn.Module, config: CoFiConfig, adapter_name: str, state: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Validate a loaded checkpoint against the model and return ``cofi_delta``/``cofi_mask`` entries for peft.
+    """Check a loaded file's tensors against the model and return them as the layers' state (dense ``D``).
 
-    Raises :class:`CheckpointError` before any weight is touched; the wrappers of ``PeftModel.from_pretrained`` and
-    ``load_adapter`` then remove what that call injected, so the model is left exactly as it was.
+    Uses the header and base-check choice of the enclosing :func:`loading` scope, if any (a state dict passed
+    directly to ``set_peft_model_state_dict`` has no header: its structure and fingerprints are still checked).
+
+    Raises:
+        CheckpointError: one line saying what is wrong with the file, before any weight is touched.
     """
-    from .layer import CoFiLayer
-
-    if ERROR_KEY in state_dict:
-        raise CheckpointError(_tensor_text(state_dict[ERROR_KEY]))
-    if HEADER_KEY not in state_dict:
-        raise CheckpointError(
-            "the checkpoint has no peft-cofi header: it was not written by peft-cofi's save_pretrained, or was "
-            "re-saved by another tool; re-save it with peft-cofi."
-        )
-    header = json.loads(_tensor_text(state_dict[HEADER_KEY]))
-    records = parse_header(header, "the checkpoint")
-    rest = {k: v for k, v in state_dict.items() if k not in (HEADER_KEY, ERROR_KEY)}
-    layers = {
-        name.removeprefix(_PEFT_PREFIX): module
-        for name, module in model.named_modules()
-        if isinstance(module, CoFiLayer) and adapter_name in module.cofi_delta
+    context = _LOADING.get() or LoadContext()
+    metadata = next((h for h in reversed(context.headers) if is_cofi_header(h)), None)
+    header = parse_header(metadata, "the checkpoint") if metadata is not None else None
+    targets = {
+        name: Target((layer.out_features, layer.in_features), layer.get_base_layer().weight)
+        for name, layer in adapter_layers(model, adapter_name).items()
     }
-    missing, extra = sorted(set(layers) - set(records)), sorted(set(records) - set(layers))
+    checked = check_state(targets, auxiliary_keys(model, adapter_name), state, header, context.verify_base)
+    if header is not None and header.mask_mode != config.mask_mode:
+        # The diff applies in either mode (resuming training across modes is refused by the loading call).
+        for key in [k for k in checked if split_key(k)[1] == DELTA]:
+            mask = checked[key.removesuffix(DELTA) + MASK]
+            diff = masked_diff(checked[key], mask, header.mask_mode)
+            checked[key] = delta_from_diff(diff, mask, config.mask_mode)
+    return checked
+
+
+def check_state(
+    targets: dict[str, Target],
+    auxiliary: dict[str, str],
+    state: dict[str, torch.Tensor],
+    header: Header | None,
+    verify_base: bool,
+) -> dict[str, torch.Tensor]:
+    """The validation behind :func:`decode_adapter_state`, against explicit ``targets`` and auxiliary keys."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    others: dict[str, torch.Tensor] = {}  # by key in the file, without prefix
+    prefix = PEFT_PREFIX if any(key.startswith(PEFT_PREFIX) for key in state) else ""
+    for key, tensor in state.items():
+        module, suffix = split_key(key)
+        if suffix:
+            grouped.setdefault(module, {})[suffix] = tensor
+        else:
+            bare = key.removeprefix(PEFT_PREFIX)
+            others[auxiliary.get(bare, bare)] = tensor
+    missing, extra = sorted(set(targets) - set(grouped)), sorted(set(grouped) - set(targets))
     if missing or extra:
         raise CheckpointError(
             f"the checkpoint does not fit the adapter's modules: missing {len(missing)} (e.g. {missing[:5]}), "
             f"unexpected {len(extra)} (e.g. {extra[:5]}). Load it with the adapter_config.json saved beside it."
         )
-    converted, mismatched = {}, []
-    for name, record in sorted(records.items()):
-        layer = layers[name]
-        stored = {
-            suffix: rest.pop(f"{_PEFT_PREFIX}{name}.{suffix}")
-            for suffix in (*_DIFF_SUFFIXES, "cofi_mask")
-            if f"{_PEFT_PREFIX}{name}.{suffix}" in rest
-        }
-        if checksum(stored) != record.get("checksum"):
-            raise CheckpointError(f"the stored diff of {name} is corrupt (checksum mismatch); the file was damaged.")
-        shape = (layer.out_features, layer.in_features)
-        if tuple(record["shape"]) != shape or stored["cofi_mask"].shape != (shape[0],):
-            raise CheckpointError(f"{name}: the checkpoint holds a {tuple(record['shape'])} diff, the model {shape}.")
-        if config.verify_base and record.get("base_fingerprint") != fingerprint(layer.get_base_layer().weight):
-            mismatched.append(name)
-        diff, mask = decode_diff(stored, record), stored["cofi_mask"].to(torch.float32)
-        delta = _diff_to_delta(diff, mask) if config.mask_mode == "update" else diff
-        converted[f"{_PEFT_PREFIX}{name}.cofi_delta"] = delta
-        converted[f"{_PEFT_PREFIX}{name}.cofi_mask"] = mask
-    if mismatched:
+    declared = header.others if header is not None else {}
+    stray = sorted(set(others) - set(auxiliary.values()) - set(declared))
+    if stray:
         raise CheckpointError(
-            f"the diff was made for other base weights: {len(mismatched)} module(s) differ, e.g. {mismatched[:5]} "
-            f"(expected base: {header.get('base_model', 'unknown')}). Load the matching base model, or pass a config "
-            "with verify_base=False to apply it anyway."
+            f"the checkpoint holds tensors this adapter does not have, e.g. {stray[:5]}: loading them would overwrite "
+            "other weights. Remove them from the file, or load it with the adapter_config.json saved beside it."
         )
-    return {**rest, **converted}
+    if header is not None:
+        _check_checksums(header, grouped, others)
+    out, wrong_base = {}, []
+    for name, target in targets.items():
+        if header is not None and tuple(header.records[name]["shape"]) != target.shape:
+            raise CheckpointError(
+                f"{name}: the checkpoint holds a {tuple(header.records[name]['shape'])} diff, the model {target.shape}."
+            )
+        try:
+            delta, mask, stored_print = _module_state(grouped[name], target.shape)
+        except CheckpointError as error:
+            raise CheckpointError(f"{name}: {error}") from error
+        if verify_base and stored_print.any() and not same_base(stored_print, target.weight):
+            wrong_base.append(name)
+        out[f"{prefix}{name}.{DELTA}"] = delta
+        out[f"{prefix}{name}.{MASK}"] = mask
+        # A diff applied to other weights (verify_base=False) no longer belongs to its old base: re-fingerprint.
+        out[f"{prefix}{name}.{FINGERPRINT}"] = stored_print if verify_base else torch.zeros_like(stored_print)
+    if wrong_base:
+        raise CheckpointError(
+            f"the diff was made for other base weights: {len(wrong_base)} module(s) differ, e.g. {wrong_base[:5]}"
+            f"{_expected_base(header)}. Load the matching base model, or pass verify_base=False to the loading call "
+            "to apply it anyway."
+        )
+    return {**{k: v for k, v in state.items() if not split_key(k)[1]}, **out}
 
 
-def _diff_to_delta(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Invert ``diff = mask * delta`` row-wise; rows with factor 0 cannot move, so their delta is 0."""
-    scale = mask.unsqueeze(1)
-    return torch.where(scale > 0, diff / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(diff))
+def _expected_base(header: Header | None) -> str:
+    return f" (expected base: {header.fields['base_model']})" if header and header.fields.get("base_model") else ""
+
+
+def _check_checksums(header: Header, grouped: dict[str, dict[str, torch.Tensor]], others: dict) -> None:
+    undescribed = sorted(set(grouped) - set(header.records))
+    if undescribed:
+        raise CheckpointError(f"the checkpoint's header does not describe modules {undescribed[:5]}.")
+    for name, stored in grouped.items():
+        if checksum(stored) != header.records[name]["checksum"]:
+            raise CheckpointError(f"the stored diff of {name} is corrupt (checksum mismatch); the file was damaged.")
+    for key, tensor in others.items():
+        if key in header.others and checksum({key: tensor}) != header.others[key]:
+            raise CheckpointError(f"the stored tensor {key} is corrupt (checksum mismatch); the file was damaged.")
+
+
+def _module_state(stored: dict[str, torch.Tensor], shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    if MASK not in stored:
+        raise CheckpointError(f"it has no {MASK} tensor")
+    mask = stored[MASK]
+    if not mask.is_floating_point() or mask.shape != (shape[0],):
+        raise CheckpointError(f"its {MASK} is {mask.dtype} {tuple(mask.shape)}, expected float ({shape[0]},)")
+    mask = mask.to(torch.float32)
+    if not (torch.isfinite(mask).all() and mask.min() >= 0 and mask.max() <= 1):
+        raise CheckpointError(f"its {MASK} holds factors outside [0, 1]; mask factors are 1 - importance")
+    stored_print = stored.get(FINGERPRINT, torch.zeros(FINGERPRINT_BYTES, dtype=torch.uint8))
+    if stored_print.dtype != torch.uint8 or stored_print.shape != (FINGERPRINT_BYTES,):
+        raise CheckpointError(f"its {FINGERPRINT} must be {FINGERPRINT_BYTES} uint8 bytes")
+    return decode_delta(stored, shape), mask, stored_print
+
+
+def save_adapters(
+    model: Any,
+    save_directory: str | os.PathLike,
+    *,
+    selected_adapters: list[str] | None = None,
+    is_main_process: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    save_embedding_layers: str | bool = "auto",
+) -> None:
+    """``PeftModel.save_pretrained`` for CoFi models: every adapter's diff in its configured storage, with header,
+    config and model card, committed to ``save_directory`` as one atomic step (see :mod:`peft_cofi.atomic_io`).
+
+    Under FSDP2 / ZeRO-3 call it on every rank (the state is gathered collectively); only the main process writes.
+    """
+    names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in names if n not in model.peft_config]
+    if unknown:
+        raise ValueError(f"selected_adapters {unknown} do not exist; this model has {list(model.peft_config)}.")
+    merged = sorted(n for n, m in model.named_modules() if isinstance(m, CoFiLayer) and m.merged)
+    if merged:
+        raise ValueError(
+            f"{merged[0]} (and {len(merged) - 1} more) has its adapter merged into the base weight; call "
+            "unmerge_adapter() before saving, so the checkpoint records the true base weights."
+        )
+    states = {
+        name: get_peft_model_state_dict(
+            model, state_dict=state_dict, adapter_name=name, save_embedding_layers=save_embedding_layers
+        )
+        for name in names
+    }
+    if not is_main_process:
+        return
+    files = {name: encode_adapter_state(model, model.peft_config[name], name, states[name]) for name in names}
+    target = Path(save_directory)
+    with staged_folder(target) as staging:
+        if (target / "README.md").is_file():  # keep the user's card; only the CoFi section is refreshed
+            shutil.copy2(target / "README.md", staging / "README.md")
+        model.create_or_update_model_card(str(staging))
+        for name, (tensors, header) in files.items():
+            folder = staging if name == "default" else staging / name
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic({k: v.contiguous() for k, v in tensors.items()}, folder / WEIGHTS_NAME, header)
+            _save_config(model, model.peft_config[name], folder)
+        write_model_card(staging, files[names[0]][1])
+
+
+def _save_config(model: Any, config: CoFiConfig, folder: Path) -> None:
+    """The config as peft's ``save_pretrained`` writes it: base model filled in, inference mode, auto mapping."""
+    inference_mode, base = config.inference_mode, config.base_model_name_or_path
+    if base is None:
+        config.base_model_name_or_path = model.base_model.model.__dict__.get("name_or_path", None) or None
+    auto_mapping = None
+    if config.task_type is None:
+        base_class = model._get_base_model_class(is_prompt_tuning=False)
+        auto_mapping = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+    config.inference_mode = True
+    try:
+        config.save_pretrained(str(folder), auto_mapping_dict=auto_mapping)
+    finally:
+        config.inference_mode = inference_mode
 
 
 def save_diff(
@@ -173,8 +355,6 @@ def save_diff(
     Example:
         save_diff(model, "out/adapter", storage="topk", density=0.1, dtype="bfloat16")
     """
-    from .config import CoFiConfig
-
     configs = [c for c in model.peft_config.values() if isinstance(c, CoFiConfig)]
     saved = [(c.storage, c.storage_density, c.storage_dtype) for c in configs]
     try:
@@ -182,195 +362,16 @@ def save_diff(
             config.storage = storage or config.storage
             config.storage_density = density if density is not None else config.storage_density
             config.storage_dtype = dtype or config.storage_dtype
-            config._check_storage()
+            config.check_storage()
         model.save_pretrained(str(save_directory), **kwargs)
     finally:
         for config, (mode, kept, value_dtype) in zip(configs, saved, strict=True):
             config.storage, config.storage_density, config.storage_dtype = mode, kept, value_dtype
 
 
-def _find_module(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+def read_config_file(folder: str | os.PathLike, subfolder: str | None = None) -> dict | None:
+    """The ``adapter_config.json`` of a local adapter folder as a dict; ``None`` if there is none or it is not JSON."""
     try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
-def _name_or_path(model: torch.nn.Module) -> str | None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, "name_or_path", None) or None
-
-
-# --- wrappers around peft's safetensors calls ---
-
-
-def _is_cofi_directory(filename: str | os.PathLike) -> bool:
-    config_path = Path(filename).with_name("adapter_config.json")
-    try:
-        return json.loads(config_path.read_text()).get("peft_type") == "COFI"
-    except (OSError, ValueError):
-        return False
-
-
-def _wrap_save(original):
-    def save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict | None = None) -> None:
-        if HEADER_KEY not in tensors:
-            return original(tensors, filename, metadata=metadata)
-        tensors = dict(tensors)
-        header = json.loads(_tensor_text(tensors.pop(HEADER_KEY)))
-        write_atomic(tensors, filename, {**(metadata or {}), **header})
-        from .hub import write_model_card
-
-        write_model_card(Path(filename).parent, header)
-        return None
-
-    save_file.__wrapped_by_peft_cofi__ = original
-    return save_file
-
-
-def _wrap_load(original):
-    def load_file(filename: str, device: str | int = "cpu") -> dict[str, torch.Tensor]:
-        if not _is_cofi_directory(filename):
-            return original(filename, device=device)
-        try:
-            with safe_open(str(filename), framework="pt") as handle:
-                header = dict(handle.metadata() or {})
-            tensors = original(filename, device=device)
-        except (SafetensorError, OSError) as error:
-            message = f"{str(filename)!r} is not a readable safetensors file (truncated or corrupt?): {error}"
-            return {ERROR_KEY: _bytes_tensor(message)}
-        tensors[HEADER_KEY] = _bytes_tensor(json.dumps(header))
-        return tensors
-
-    load_file.__wrapped_by_peft_cofi__ = original
-    return load_file
-
-
-def _wrap_load_adapter(original):
-    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
-        is_new = adapter_name not in self.peft_config
-        saved = None if is_new else _saved_config(model_id, kwargs.get("subfolder"))
-        if saved is not None and saved.get("peft_type") == "COFI":
-            is_trainable = args[0] if args else kwargs.get("is_trainable", False)
-            _check_resumable(self.peft_config[adapter_name], saved, model_id, adapter_name, is_trainable)
-        try:
-            return original(self, model_id, adapter_name, *args, **kwargs)
-        except CheckpointError as error:
-            if is_new and adapter_name in self.peft_config:
-                self.delete_adapter(adapter_name)
-            if saved is not None and (hint := _config_mismatch_hint(self.peft_config[adapter_name], saved, model_id)):
-                raise CheckpointError(f"{error} {hint}") from error
-            raise
-
-    load_adapter.__wrapped_by_peft_cofi__ = original
-    load_adapter.__doc__ = original.__doc__
-    return load_adapter
-
-
-# Fields of a saved adapter_config.json that decide which modules an adapter has and how its diff is parametrised.
-_STRUCTURE_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "mask_mode")
-
-
-def _saved_config(model_id: str | os.PathLike, subfolder: str | None) -> dict | None:
-    """The ``adapter_config.json`` of a local checkpoint directory as a dict; ``None`` if there is none."""
-    path = Path(model_id, subfolder or "", "adapter_config.json")
-    try:
-        return json.loads(path.read_text())
+        return json.loads(Path(folder, subfolder or "", CONFIG_NAME).read_text())
     except (OSError, ValueError):
         return None
-
-
-def _normalised(field: str, value: Any) -> Any:
-    if field in ("target_modules", "exclude_modules") and isinstance(value, (list, tuple, set)):
-        return sorted(value)
-    if field == "layers_to_transform" and isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    return list(value) if isinstance(value, (tuple, set)) else value
-
-
-def _config_differences(config: Any, saved: dict) -> list[str]:
-    """``"field: checkpoint X, this adapter Y"`` for every structural field that differs."""
-    current = config.to_dict()
-    out = []
-    for field in _STRUCTURE_FIELDS:
-        theirs, ours = _normalised(field, saved.get(field)), _normalised(field, current.get(field))
-        if theirs != ours:
-            out.append(f"{field}: checkpoint {theirs!r}, this adapter {ours!r}")
-    return out
-
-
-def _fix_advice(model_id: str | os.PathLike) -> str:
-    return (
-        f"Build the model from the checkpoint's own config, PeftModel.from_pretrained(base, {str(model_id)!r}, "
-        "is_trainable=True), before resuming from it, or resume from a checkpoint of this configuration."
-    )
-
-
-def _config_mismatch_hint(config: Any, saved: dict, model_id: str | os.PathLike) -> str:
-    """What differs between the checkpoint's config and the adapter it is loaded into, and how to fix it."""
-    differences = _config_differences(config, saved)
-    if not differences:
-        return ""
-    return f"Its adapter_config.json differs from this adapter's in {'; '.join(differences)}. {_fix_advice(model_id)}"
-
-
-def _check_resumable(config: Any, saved: dict, model_id: str | os.PathLike, adapter_name: str, trainable: bool) -> None:
-    """Refuse to continue training an adapter from a checkpoint of the other mask mode: the diff would load, but
-    ``D`` means ``diff / s`` in one mode and ``diff`` in the other, so the optimizer state would not fit it."""
-    theirs = saved.get("mask_mode", "update")
-    if trainable and theirs != config.mask_mode:
-        raise CheckpointError(
-            f"cannot resume training of adapter {adapter_name!r} (mask_mode={config.mask_mode!r}) from "
-            f"{str(model_id)!r}, which was trained with mask_mode={theirs!r}: the trained parameter D is the diff "
-            "divided by the mask factors in 'update' mode and the diff itself in 'grad' mode, so the checkpoint's "
-            "optimizer state would not fit it. "
-            f"{_fix_advice(model_id)}"
-        )
-
-
-def _wrap_from_pretrained(original):
-    def from_pretrained(cls, model, model_id, *args, **kwargs):
-        from .layer import CoFiLayer
-
-        existing = {id(m) for m in model.modules() if isinstance(m, CoFiLayer)}
-        had_config = hasattr(model, "peft_config")
-        try:
-            return original(cls, model, model_id, *args, **kwargs)
-        except CheckpointError:
-            _unwrap_new_layers(model, existing)
-            if not had_config and hasattr(model, "peft_config"):
-                del model.peft_config
-            raise
-
-    from_pretrained.__wrapped_by_peft_cofi__ = original
-    from_pretrained.__doc__ = original.__doc__
-    return classmethod(from_pretrained)
-
-
-def _unwrap_new_layers(model: torch.nn.Module, existing: set[int]) -> None:
-    """Put back the original modules where CoFi layers (other than ``existing``) were injected."""
-    from .layer import CoFiLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, CoFiLayer) and id(module) not in existing:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
-
-
-def install_io_hooks() -> None:
-    """Wrap peft's save/load entry points once (idempotent); non-CoFi adapters pass through unchanged."""
-    import peft.peft_model as peft_model_module
-    import peft.utils.save_and_load as save_and_load_module
-    from peft import PeftModel
-
-    for name, wrap in (("load_adapter", _wrap_load_adapter), ("from_pretrained", _wrap_from_pretrained)):
-        current = PeftModel.__dict__[name]
-        current = current.__func__ if isinstance(current, classmethod) else current
-        setattr(PeftModel, name, wrap(getattr(current, "__wrapped_by_peft_cofi__", current)))
-    for module, name, wrap in (
-        (peft_model_module, "safe_save_file", _wrap_save),
-        (save_and_load_module, "safe_load_file", _wrap_load),
-    ):
-        current = getattr(module, name)
-        original = getattr(current, "__wrapped_by_peft_cofi__", current)
-        setattr(module, name, wrap(original))

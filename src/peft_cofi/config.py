@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -11,14 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft.config import PeftConfig
-from peft.utils import CONFIG_NAME
+from peft.utils import CONFIG_NAME, PeftType
 
-from .diff_format import STORAGES, VALUE_DTYPES
+from .diff_format import check_storage
 from .importance import UnitImportance
-from .mask import NORMALIZATIONS
+from .mask import MASK_MODES, NORMALIZATIONS
 from .windows import parse_window
 
-MASK_MODES = ("update", "grad")
+METHOD_NAME = "cofi"  # peft's method name; the PeftType member is its upper case
+PEFT_TYPE_NAME = METHOD_NAME.upper()
 # Value of ``importance`` in a saved adapter config: the mask factors travel in the adapter weights file.
 CHECKPOINT_IMPORTANCE = "checkpoint"
 
@@ -63,8 +65,10 @@ class CoFiConfig(PeftConfig):
         storage_density: kept fraction in (0, 1] for ``"topk"`` (required) and optionally ``"rows"``.
         storage_dtype: value dtype on disk: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         storage_tolerance: relative row-norm threshold of ``"rows"`` storage without a density.
-        verify_base: refuse to load a diff onto base weights whose fingerprints differ from those it was saved
-            with. Set ``False`` (e.g. ``PeftModel.from_pretrained(base, path, config=config)``) to apply it anyway.
+
+    Loading checks that the base weights are those the diff was trained on; to apply a diff to other weights anyway,
+    pass ``verify_base=False`` to the loading call (``PeftModel.from_pretrained``, ``load_adapter``), never via a
+    config (a saved config cannot switch the check off).
 
     Example:
         >>> config = CoFiConfig(layers_to_transform="bottom2", mask_mode="update")
@@ -72,39 +76,94 @@ class CoFiConfig(PeftConfig):
         'COFI'
     """
 
-    target_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to train."})
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to skip."})
-    layers_to_transform: list[int] | int | str | None = field(
-        default=None, metadata={"help": "Layer indices, a named window (e.g. 'bottom2') or a range '0.25:0.5'."}
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Modules to train: names matched exactly or as a dotted suffix, or a regex on the full name. "
+            "Unset: the architecture's FFN input and output projections (e.g. up_proj and down_proj)."
+        },
     )
-    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Layer list name."})
-    importance: Any | None = field(default=None, metadata={"help": "Unit importance source(s)."})
-    importance_source: str | None = field(default=None, metadata={"help": "Provenance of the importance."})
-    mask_mode: Literal["update", "grad"] = field(default="update", metadata={"help": "'update' or 'grad'."})
-    mask_sharpness: float = field(default=1.0, metadata={"help": "t in tanh(|z| / t); 1.0 is the paper."})
-    mask_normalization: Literal["abs", "positive"] = field(default="abs", metadata={"help": "'abs' or 'positive'."})
-    head_pooling: bool = field(default=True, metadata={"help": "Pool attention importance per head."})
-    attention_modules: list[str] | None = field(default=None, metadata={"help": "Projections with head units."})
-    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
-    init_weights: bool = field(default=True, metadata={"help": "False gives a random non-identity adapter."})
-    storage: Literal["dense", "rows", "topk"] = field(default="dense", metadata={"help": "Diff storage mode."})
-    storage_density: float | None = field(default=None, metadata={"help": "Kept fraction for sparse storage."})
-    storage_dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "dtype."})
-    storage_tolerance: float = field(default=1e-3, metadata={"help": "Row threshold of 'rows' storage."})
-    verify_base: bool = field(default=True, metadata={"help": "Check base-weight fingerprints on load."})
-    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unsupported; must be None."})
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules never to train (names or a regex), even when target_modules match."}
+    )
+    layers_to_transform: list[int] | int | str | None = field(
+        default=None,
+        metadata={
+            "help": "Which layers train: indices, a named depth window of the paper ('bottom2' = layers in "
+            "[25%, 50%) of the depth) or a depth-fraction range '0.25:0.5'. Unset: all layers."
+        },
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the model's layer list (e.g. 'layers', 'h'), when it is not found."}
+    )
+    importance: Any | None = field(
+        default=None,
+        metadata={
+            "help": "Unit importance that sets the soft mask: a file, a UnitImportance, a dict or a list of those. "
+            "None: no fine-level mask (every unit moves freely)."
+        },
+    )
+    importance_source: str | None = field(
+        default=None, metadata={"help": "Where the importance came from (filled in when the adapter is saved)."}
+    )
+    mask_mode: Literal["update", "grad"] = field(
+        default="update",
+        metadata={
+            "help": "'update': W = W0 + s*D, so each row's step shrinks by its factor s under any optimizer. "
+            "'grad': the paper's gradient scaling, which Adam undoes."
+        },
+    )
+    mask_sharpness: float = field(
+        default=1.0,
+        metadata={"help": "t in importance = tanh(|z| / t); 1.0 is the paper, smaller protects more units harder."},
+    )
+    mask_normalization: Literal["abs", "positive"] = field(
+        default="abs",
+        metadata={"help": "'abs' protects units far from the mean either way (the paper); 'positive' only above."},
+    )
+    head_pooling: bool = field(
+        default=True, metadata={"help": "Give all rows of an attention head one importance (grouped-query aware)."}
+    )
+    attention_modules: list[str] | None = field(
+        default=None, metadata={"help": "Projections whose output rows are attention heads; unset: per architecture."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules trained in full and saved with the adapter, as in peft."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: start from a zero diff (the base model); False: random (tests)."}
+    )
+    storage: Literal["dense", "rows", "topk"] = field(
+        default="dense",
+        metadata={
+            "help": "How save_pretrained stores the diff: 'dense' (exact), 'rows' (only rows that changed) or "
+            "'topk' (the largest entries; lossy). Keep 'dense' for checkpoints you resume from."
+        },
+    )
+    storage_density: float | None = field(
+        default=None, metadata={"help": "Fraction of rows ('rows', optional) or entries ('topk', required) to keep."}
+    )
+    storage_dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "Dtype of the stored values; bfloat16/float16 halve the file."}
+    )
+    storage_tolerance: float = field(
+        default=1e-3,
+        metadata={"help": "'rows' without a density keeps rows whose change exceeds this times the largest change."},
+    )
+    target_parameters: list[str] | None = field(
+        default=None, metadata={"help": "Not supported by CoFi (it trains whole modules); must be None."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ._registration import COFI_PEFT_TYPE
-
-        self.peft_type = COFI_PEFT_TYPE
+        self.peft_type = PeftType[PEFT_TYPE_NAME]
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = (
                 sorted(self.target_modules) if isinstance(self.target_modules, set) else list(self.target_modules)
             )
         _check_names("target_modules", self.target_modules)
         _check_names("exclude_modules", self.exclude_modules)
+        _check_names("layers_pattern", self.layers_pattern)
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode={self.mask_mode!r} is not supported; use one of {MASK_MODES}.")
         if self.mask_normalization not in NORMALIZATIONS:
@@ -120,7 +179,7 @@ class CoFiConfig(PeftConfig):
             raise ValueError(f"mask_sharpness={sharpness!r} must be a finite number > 0 (1.0 is the paper's).")
         self._check_layers()
         self._check_importance()
-        self._check_storage()
+        self.check_storage()
         if self.target_parameters is not None:
             raise ValueError("CoFi trains whole modules; target_parameters is not supported, use target_modules.")
 
@@ -140,22 +199,9 @@ class CoFiConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only applies together with layers_to_transform; set both or neither.")
 
-    def _check_storage(self) -> None:
-        if self.storage not in STORAGES:
-            raise ValueError(f"storage={self.storage!r} is not supported; use one of {STORAGES}.")
-        if self.storage_dtype not in VALUE_DTYPES:
-            raise ValueError(
-                f"storage_dtype={self.storage_dtype!r} is not supported; use one of {sorted(VALUE_DTYPES)}."
-            )
-        density = self.storage_density
-        if density is not None and (
-            isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1
-        ):
-            raise ValueError(f"storage_density={density!r} must be a fraction in (0, 1], e.g. 0.1.")
-        if self.storage == "topk" and density is None:
-            raise ValueError("storage='topk' needs storage_density, the fraction of entries to keep (e.g. 0.1).")
-        if not (isinstance(self.storage_tolerance, (int, float)) and 0 <= self.storage_tolerance < 1):
-            raise ValueError(f"storage_tolerance={self.storage_tolerance!r} must be in [0, 1).")
+    def check_storage(self) -> None:
+        """Validate the storage fields (see :func:`peft_cofi.diff_format.check_storage`)."""
+        check_storage(self.storage, self.storage_density, self.storage_dtype, self.storage_tolerance)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write ``adapter_config.json`` atomically (temporary file + rename), so a failed save leaves the old one."""
@@ -196,10 +242,55 @@ class CoFiConfig(PeftConfig):
 
 
 def _check_names(field_name: str, value: object) -> None:
-    if value is None or isinstance(value, str):
+    if value is None:
+        return
+    if isinstance(value, str):
+        check_regex(field_name, value)
         return
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"{field_name}={value!r} must be a list of module names or a regex string.")
+
+
+_REPEATS = (re._constants.MAX_REPEAT, re._constants.MIN_REPEAT, re._constants.POSSESSIVE_REPEAT)
+
+
+def check_regex(field_name: str, pattern: str) -> None:
+    """Refuse a regex that does not compile, or one with a nested unbounded quantifier such as ``(.*.*)*x``: peft
+    matches it against every module name with Python's backtracking engine, where such patterns take exponential time
+    (a saved config could hang loading for minutes).
+
+    Example:
+        >>> check_regex("target_modules", r".*\\.(up|down)_proj")
+        >>> check_regex("target_modules", "(a+)+b")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: target_modules='(a+)+b' nests an unbounded quantifier inside another (e.g. '(a+)+'), ...
+    """
+    try:
+        parsed = re._parser.parse(pattern)
+    except re.error as error:
+        raise ValueError(f"{field_name}={pattern!r} is not a valid regular expression: {error}.") from error
+
+    def nested(items: Any, inside: bool) -> bool:
+        for op, arg in items:
+            if op in _REPEATS:
+                unbounded = arg[1] == re._constants.MAXREPEAT
+                if inside and unbounded:
+                    return True
+                if nested(arg[2], inside or unbounded):
+                    return True
+            elif op in (re._constants.SUBPATTERN, re._constants.ATOMIC_GROUP):
+                if nested(arg[-1], inside):
+                    return True
+            elif op == re._constants.BRANCH and any(nested(branch, inside) for branch in arg[1]):
+                return True
+        return False
+
+    if nested(parsed, False):
+        raise ValueError(
+            f"{field_name}={pattern!r} nests an unbounded quantifier inside another (e.g. '(a+)+'), which can make "
+            "matching take exponential time; rewrite it without the nesting, or list the module names."
+        )
 
 
 def _describe_sources(importance: object) -> str:

@@ -18,7 +18,7 @@ from peft import LoraConfig, TaskType
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .diff_format import read_diff_file
+from .diff_format import in_model_order, read_diff_file
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -69,7 +69,7 @@ def export_lora(
     cofi_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     is_conv1d = any(record.get("layout") == "conv1d" for record in diff_file.records.values())
     report, tensors = LoraExportReport(), {}
-    for name in tqdm(sorted(diff_file.records), desc="SVD per module", disable=len(diff_file.records) < 8):
+    for name in tqdm(in_model_order(diff_file.records), desc="SVD per module", disable=len(diff_file.records) < 8):
         diff = diff_file.diff(name)
         u, s, vh = torch.linalg.svd(diff, full_matrices=False)
         r = _rank_for(s, rank, energy)

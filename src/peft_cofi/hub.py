@@ -1,9 +1,9 @@
 """The Hugging Face Hub: a model card that says what a CoFi adapter is, and a push that keeps it.
 
-``transformers``' ``push_to_hub`` replaces the card that peft's ``save_pretrained`` wrote with a generic one
+``transformers``' ``push_to_hub`` replaces the card that ``save_pretrained`` wrote with a generic one
 (``library_name: transformers``), so for CoFi adapters ``PeftModel.push_to_hub`` is routed to :func:`push_to_hub`
-here: ``create_repo``, ``save_pretrained`` into a temporary folder (card included), one ``create_commit``. Loading needs
-nothing special: ``PeftModel.from_pretrained(base, "owner/name")`` after ``import peft_cofi``.
+here (see :mod:`peft_cofi.patches`): ``create_repo``, ``save_pretrained`` into a temporary folder (card included), one
+``create_commit``. Loading needs nothing special: ``PeftModel.from_pretrained(base, "owner/name")``.
 """
 
 from __future__ import annotations
@@ -111,20 +111,3 @@ def push_to_hub(
             revision=revision,
             create_pr=create_pr,
         )
-
-
-def install_push_hook() -> None:
-    """Route ``PeftModel.push_to_hub`` of CoFi adapters to :func:`push_to_hub` (idempotent)."""
-    from peft import PeftModel
-
-    current = PeftModel.push_to_hub
-    original = getattr(current, "__wrapped_by_peft_cofi__", current)
-
-    def push(self: Any, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-        if any(str(c.peft_type.value) == "COFI" for c in self.peft_config.values()):
-            return push_to_hub(self, repo_id, *args, **kwargs)
-        return original(self, repo_id, *args, **kwargs)
-
-    push.__wrapped_by_peft_cofi__ = original
-    push.__doc__ = original.__doc__
-    PeftModel.push_to_hub = push

@@ -1,9 +1,14 @@
 """The CoFi tuner layer: a masked weight diff on one ``nn.Linear`` or GPT-2 ``Conv1D``.
 
-Per adapter the layer holds a trainable diff ``D`` (float32, shape ``(out_features, in_features)`` for both layer
-types) and per-row mask factors ``s`` (a buffer). The effective weight is ``W0 + s * D`` in ``"update"`` mode
-(Adam's step on ``D`` is scale-free, so each row's change is scaled by ``s``) and ``W0 + D`` with gradient rows
-multiplied by ``s`` in ``"grad"`` mode (the paper's). The base weight is never modified unless merged.
+Per adapter the layer holds a trainable ``D`` (``cofi_delta``, shape ``(out_features, in_features)`` for both layer
+types, in the base weight's float dtype until peft upcasts it), per-row mask factors ``s`` (``cofi_mask``, a float32
+buffer) and the fingerprint of the base weight the diff applies to (``cofi_base_fingerprint``, a uint8 buffer, all
+zeros until taken). The weight diff is :func:`peft_cofi.mask.masked_diff`: ``s * D`` in ``"update"`` mode (Adam's
+step on ``D`` is scale-free, so each row's change is scaled by ``s``) and ``D`` with gradient rows multiplied by ``s``
+in ``"grad"`` mode (the paper's). The base weight is never modified unless merged.
+
+These names are exactly what a checkpoint stores (docs/FORMAT.md), so every loader that maps file keys onto a
+layer's parameters and buffers (peft's ``set_peft_model_state_dict``, transformers' adapter loader) sees one thing.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .distributed import row_factors, weight_shape
+from .config import CoFiConfig
+from .diff_format import FINGERPRINT_BYTES, fingerprint
+from .distributed import is_dtensor, is_zero3_partitioned, row_factors, weight_shape
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 # Base weight dtypes a float diff can be added to (quantised int8/uint8-packed and float8 weights cannot take one).
@@ -46,6 +53,11 @@ def untrainable_reason(module: nn.Module, model_is_loaded: bool = True) -> str |
     return None
 
 
+def _is_local_full(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` holds its full values here (not meta, not a ZeRO-3 placeholder, not an FSDP2 shard)."""
+    return weight.device.type != "meta" and not is_zero3_partitioned(weight) and not is_dtensor(weight)
+
+
 def _is_offloaded(module: nn.Module) -> bool:
     """Whether accelerate hooks keep this module's weights elsewhere and load them only for the forward pass."""
     hook = getattr(module, "_hf_hook", None)
@@ -70,12 +82,13 @@ class CoFiLayer(BaseTunerLayer):
     """State and merge logic shared by CoFi layers (see the module docstring)."""
 
     adapter_layer_names = ("cofi_delta",)
-    other_param_names = ("cofi_mask", "cofi_mask_mode")
+    other_param_names = ("cofi_mask", "cofi_base_fingerprint", "cofi_mask_mode")
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
         self.cofi_delta = nn.ParameterDict({})
         self.cofi_mask = BufferDict({}, persistent=True)
+        self.cofi_base_fingerprint = BufferDict({}, persistent=True)
         self.cofi_mask_mode: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -89,48 +102,63 @@ class CoFiLayer(BaseTunerLayer):
         """``weight`` as ``(out_features, in_features)``: Conv1D stores it transposed."""
         return weight.T if self.is_conv1d else weight
 
-    def update_layer(
-        self,
-        adapter_name: str,
-        mask_factors: torch.Tensor,
-        mask_mode: str,
-        init_weights: bool = True,
-        inference_mode: bool = False,
-    ) -> None:
-        """Create (or replace) the diff and mask factors of ``adapter_name``."""
+    def update_layer(self, adapter_name: str, mask_factors: torch.Tensor, *, config: CoFiConfig) -> None:
+        """Create (or replace) the trainable state, mask factors and fingerprint slot of ``adapter_name``."""
         if mask_factors.shape != (self.out_features,):
             raise ValueError(
                 f"mask factors of shape {tuple(mask_factors.shape)} do not match the layer's "
                 f"{self.out_features} output rows."
             )
+        base_weight = self.get_base_layer().weight
         shape = (self.out_features, self.in_features)
-        device = self.get_base_layer().weight.device
-        if init_weights or device.type == "meta":
-            delta = torch.zeros(shape, dtype=torch.float32, device=device)
+        # The base dtype, as peft's contract says (autocast_adapter_dtype upcasts bf16/fp16 to float32 afterwards).
+        dtype = base_weight.dtype if base_weight.dtype.is_floating_point else torch.float32
+        if config.init_weights or base_weight.device.type == "meta":
+            delta = torch.zeros(shape, dtype=dtype, device=base_weight.device)
         else:
             # A random non-identity adapter for tests, scaled like the base weights.
-            scale = self.get_base_layer().weight.detach().float().std().clamp(min=1e-3)
-            delta = torch.randn(shape, dtype=torch.float32, device=device) * scale
+            scale = base_weight.detach().float().std().clamp(min=1e-3)
+            delta = (torch.randn(shape, device=base_weight.device) * scale).to(dtype)
         self.cofi_delta[adapter_name] = nn.Parameter(delta)
         self.cofi_mask[adapter_name] = mask_factors.detach().to(torch.float32).clone()
-        self.cofi_mask_mode[adapter_name] = mask_mode
+        self.cofi_base_fingerprint[adapter_name] = torch.zeros(FINGERPRINT_BYTES, dtype=torch.uint8)
+        if _is_local_full(base_weight) and not self.merged:
+            self.base_fingerprint(adapter_name)  # now, while the base weight is surely the one the diff applies to
+        self.cofi_mask_mode[adapter_name] = config.mask_mode
         self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
-        # Move to the base layer's device but keep float32: the trainable state and mask stay full precision even
-        # when the base weights are fp16/bf16.
+        # peft's default would also cast the mask to the base dtype; it stays float32 (it is a fixed input, and the
+        # format stores it in float32), the fingerprint stays uint8, and D takes the base's float dtype.
         weight = self.get_base_layer().weight
         target = device if device is not None else weight.device
         if target.type == "meta":
             return
         if adapter_name in self.cofi_delta and self.cofi_delta[adapter_name].device.type != "meta":
-            self.cofi_delta[adapter_name] = self.cofi_delta[adapter_name].to(target)
-        if adapter_name in self.cofi_mask:
-            self.cofi_mask[adapter_name] = self.cofi_mask[adapter_name].to(target)
+            delta = self.cofi_delta[adapter_name]
+            dtype = weight.dtype if weight.dtype.is_floating_point else delta.dtype
+            self.cofi_delta[adapter_name] = delta.to(target, dtype=dtype)
+        for buffers in (self.cofi_mask, self.cofi_base_fingerprint):
+            if adapter_name in buffers:
+                buffers[adapter_name] = buffers[adapter_name].to(target)
+
+    def base_fingerprint(self, adapter_name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The fingerprint of the base weight ``adapter_name``'s diff applies to. Taken once, when the adapter is
+        created (or, for a sharded or not yet loaded base, when first needed, from ``weight``: a full copy), replaced
+        when a checkpoint is loaded, and kept: merging and unmerging cannot change it."""
+        stored = self.cofi_base_fingerprint[adapter_name]
+        if not stored.any():
+            if self.merged:
+                raise ValueError("cannot fingerprint the base weight while an adapter is merged into it.")
+            stored = fingerprint(self.get_base_layer().weight if weight is None else weight)
+            self.cofi_base_fingerprint[adapter_name] = stored.to(self.cofi_base_fingerprint[adapter_name].device)
+        return stored.cpu()
 
     def effective_delta(self, adapter_name: str) -> torch.Tensor:
-        """The weight change ``W_tuned - W_base`` of one adapter, ``(out_features, in_features)``, with autograd."""
+        """The weight change ``W_tuned - W_base`` of one adapter, ``(out_features, in_features)``, with autograd:
+        :func:`~peft_cofi.mask.masked_diff`, written out here to keep rows aligned under sharding and to scale the
+        gradient (not the value) in ``"grad"`` mode."""
         delta = self.cofi_delta[adapter_name]
         # One factor per row of the full weight, also when FSDP2 shards the delta (a replicated DTensor then).
         column = row_factors(self.cofi_mask[adapter_name], delta, f"adapter {adapter_name!r}")
@@ -148,6 +176,9 @@ class CoFiLayer(BaseTunerLayer):
         """Add the diffs of ``adapter_names`` (default: the active ones) into the base weight."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base_weight = self.get_base_layer().weight
+        if not self.merged:
+            for name in self.cofi_delta:  # the base every adapter applies to, before it changes
+                self.base_fingerprint(name)
         for name in adapter_names:
             if name not in self.cofi_delta:
                 continue
@@ -162,7 +193,8 @@ class CoFiLayer(BaseTunerLayer):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Subtract merged diffs again (exact up to floating-point rounding of the add/subtract)."""
+        """Subtract merged diffs again (exact up to floating-point rounding of the add/subtract; the fingerprints
+        taken before the first merge still name the original base)."""
         base_weight = self.get_base_layer().weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -174,24 +206,18 @@ class Linear(nn.Module, CoFiLayer):
     """A CoFi-adapted ``nn.Linear`` or ``Conv1D``.
 
     Example:
-        >>> layer = Linear(nn.Linear(4, 3), "default", torch.ones(3), "update")
+        >>> layer = Linear(nn.Linear(4, 3), "default", torch.ones(3), config=CoFiConfig(target_modules=["x"]))
         >>> layer(torch.ones(2, 4)).shape
         torch.Size([2, 3])
     """
 
     def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        mask_factors: torch.Tensor,
-        mask_mode: str,
-        init_weights: bool = True,
-        inference_mode: bool = False,
+        self, base_layer: nn.Module, adapter_name: str, mask_factors: torch.Tensor, *, config: CoFiConfig
     ) -> None:
         super().__init__()
         CoFiLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, mask_factors, mask_mode, init_weights, inference_mode)
+        self.update_layer(adapter_name, mask_factors, config=config)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

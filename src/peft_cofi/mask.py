@@ -7,7 +7,8 @@ The pipeline for one module (CoFiTune, after DAS):
 1. optionally pool raw per-row scores into per-head scores (attention projections), grouped-query aware;
 2. normalise each importance set: z-score over units, ``importance = tanh(|z| / sharpness)`` in [0, 1);
 3. combine several normalised sets by element-wise max;
-4. mask factor ``1 - importance``, expanded back to one factor per output row.
+4. mask factor ``1 - importance``, expanded back to one factor per output row;
+5. the weight diff a trained state ``D`` makes under the factors (:func:`masked_diff`).
 
 Example:
     >>> import torch
@@ -23,6 +24,9 @@ from collections.abc import Sequence
 import torch
 
 NORMALIZATIONS = ("abs", "positive")
+# "update": W = W0 + s * D (each row's step scaled by s under any optimizer); "grad": W = W0 + D with gradient rows
+# scaled by s (the paper's; under Adam nearly a no-op).
+MASK_MODES = ("update", "grad")
 
 
 def normalize_importance(scores: torch.Tensor, sharpness: float = 1.0, normalization: str = "abs") -> torch.Tensor:
@@ -149,3 +153,35 @@ def mask_factors(
     if head_dim is not None:
         factors = factors.repeat_interleave(head_dim)
     return factors
+
+
+def masked_diff(delta: torch.Tensor, factors: torch.Tensor, mask_mode: str) -> torch.Tensor:
+    """The weight diff ``W_tuned - W_base`` of a trained state ``D`` (``delta``, ``(rows, cols)``) under per-row mask
+    factors: ``s * D`` row-wise in ``"update"`` mode, ``D`` itself in ``"grad"`` mode (there the mask acted on the
+    gradients during training). The one home of this formula: layers, checkpoints and readers all use it.
+
+    Example:
+        >>> masked_diff(torch.ones(2, 3), torch.tensor([1.0, 0.5]), "update").tolist()
+        [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5]]
+        >>> masked_diff(torch.ones(2, 1), torch.tensor([1.0, 0.5]), "grad").tolist()
+        [[1.0], [1.0]]
+    """
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode={mask_mode!r} is not supported; use one of {MASK_MODES}.")
+    if factors.shape != (delta.shape[0],):
+        raise ValueError(f"{factors.numel()} mask factors do not fit a diff with {delta.shape[0]} rows.")
+    return delta * factors.to(delta.dtype).unsqueeze(1) if mask_mode == "update" else delta
+
+
+def delta_from_diff(diff: torch.Tensor, factors: torch.Tensor, mask_mode: str) -> torch.Tensor:
+    """The trained state ``D`` that makes ``diff`` under the factors: the inverse of :func:`masked_diff`. Rows with
+    factor 0 cannot move in ``"update"`` mode; their ``D`` is 0.
+
+    Example:
+        >>> delta_from_diff(torch.tensor([[1.0], [0.5], [0.0]]), torch.tensor([1.0, 0.5, 0.0]), "update").tolist()
+        [[1.0], [1.0], [0.0]]
+    """
+    if mask_mode == "grad":
+        return diff
+    column = factors.to(diff.dtype).unsqueeze(1)
+    return torch.where(column > 0, diff / torch.where(column > 0, column, torch.ones_like(column)), 0.0)

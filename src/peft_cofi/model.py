@@ -13,8 +13,9 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .checkpoint import decode_adapter_state, encode_adapter_state
+from .checkpoint import decode_adapter_state
 from .config import CHECKPOINT_IMPORTANCE, CoFiConfig
+from .diff_format import FINGERPRINT
 from .distributed import gather_adapter_state, weight_shape
 from .importance import as_importance
 from .layer import SUPPORTED_LAYERS, CoFiLayer, Linear, untrainable_reason
@@ -137,28 +138,29 @@ class CoFiModel(BaseTuner):
     ) -> None:
         factors = self._pending_mask_factors[current_key]
         if isinstance(target, CoFiLayer):
-            target.update_layer(
-                adapter_name, factors, peft_config.mask_mode, peft_config.init_weights, peft_config.inference_mode
-            )
+            target.update_layer(adapter_name, factors, config=peft_config)
             return
-        new_module = Linear(
-            target, adapter_name, factors, peft_config.mask_mode, peft_config.init_weights, peft_config.inference_mode
-        )
+        new_module = Linear(target, adapter_name, factors, config=peft_config)
         if adapter_name not in self.active_adapters:
             # an added adapter is not trainable until it is activated
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    # --- checkpoint mapping: the file holds the weight diff (docs/FORMAT.md), the model its parametrisation ---
+    # --- checkpoint mapping: the file holds the layers' own state (docs/FORMAT.md), checked on every load ---
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         # FSDP2 / ZeRO-3: full copies of sharded or partitioned tensors (a collective: save on every rank).
         selected, state_dict = gather_adapter_state(model, adapter_name, selected, state_dict)
-        return encode_adapter_state(model, config, adapter_name, selected, state_dict)
+        for name, module in model.named_modules():
+            key = f"{name}.{FINGERPRINT}.{adapter_name}"
+            if isinstance(module, CoFiLayer) and key in selected:
+                # Taken now if it was not yet (from the gathered base weight when sharded), and kept by the layer.
+                selected[key] = module.base_fingerprint(adapter_name, state_dict.get(f"{name}.base_layer.weight"))
+        return selected
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        converted = decode_adapter_state(model, config, adapter_name, state_dict)
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, converted)
+        checked = decode_adapter_state(model, config, adapter_name, state_dict)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, checked)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..diff_format import read_diff_file
+from ..diff_format import FINGERPRINT, in_model_order, read_diff_file
 from ..export import ADAPTER_FILE, export_lora, merge_into_base
 
 
@@ -57,9 +57,8 @@ def summarize(path: str) -> dict:
     weights = _weights_path(path)
     diff_file = read_diff_file(weights)
     modules = {}
-    for name, record in sorted(diff_file.records.items()):
-        stored = diff_file.tensors[name]
-        mask = diff_file.mask(name)
+    for name in in_model_order(diff_file.records):
+        record, stored, mask = diff_file.records[name], diff_file.tensors[name], diff_file.mask(name)
         modules[name] = {
             "shape": record["shape"],
             "storage": record["storage"],
@@ -67,12 +66,18 @@ def summarize(path: str) -> dict:
             "kept": round(record["kept"], 6),
             "bytes": sum(t.numel() * t.element_size() for t in stored.values()),
             "rel_error": record["rel_error"],
-            "base_fingerprint": record["base_fingerprint"],
+            "base_fingerprint": bytes(stored[FINGERPRINT].tolist()).hex(),
             "mask_mean": round(float(mask.mean()), 4),
             "mask_below_0.1": round(float((mask < 0.1).float().mean()), 4),
         }
-    header = {k: v for k, v in diff_file.header.items() if not k.startswith("cofi_modules")}
-    return {"file": str(weights), "file_bytes": weights.stat().st_size, "header": header, "modules": modules}
+    others = {key: list(tensor.shape) for key, tensor in diff_file.others.items()}
+    return {
+        "file": str(weights),
+        "file_bytes": weights.stat().st_size,
+        "header": diff_file.header.fields,
+        "modules": modules,
+        "other_tensors": others,
+    }
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -99,6 +104,8 @@ def run_inspect(args: argparse.Namespace) -> int:
             f"{name:<48} {shape:>12} {m['storage']:>7} {m['kept']:>7.3f} {m['bytes']:>11,} {m['rel_error']:>8.1e} "
             f"{m['mask_mean']:>9.3f} {m['mask_below_0.1']:>6.1%}  {m['base_fingerprint'][:16]}"
         )
+    for key, shape in report["other_tensors"].items():
+        print(f"also stored (modules_to_save / embeddings): {key} {'x'.join(map(str, shape))}")
     return 0
 
 
