@@ -23,6 +23,7 @@ The intended deviations are listed in ``EXPECTED_FAILURES``:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         results = outcomes(junit)
     failed = {name for name, kind in results.items() if kind == "failed"}
     counts = {kind: sum(1 for v in results.values() if v == kind) for kind in ("passed", "failed", "skipped")}
-    print(f"peft {version('peft')} generic suite on CoFi rows: {counts}")
+    print(f"peft {version('peft')} generic suite on CoFi rows: {json.dumps(counts)}")
     unexpected = sorted(name for name in failed if not expected(name))
     missing = sorted(f"{f}[...{part}...]" for f, part in EXPECTED_FAILURES
                      if not any(n.startswith(f + "[") and part in n for n in failed))  # fmt: skip
