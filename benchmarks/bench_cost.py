@@ -1,15 +1,17 @@
 """Cost benchmark: training-step time and peak memory of CoFi (each mask mode) against plain fine-tuning of the same
-modules without a mask, full fine-tuning, and LoRA.
+modules without a mask, full fine-tuning, and LoRA; and of CoFi with a KL retention anchor (``attach_retention_anchor``,
+on prompt batches of the training batch's shape, cut to the model's context) on every step or on one step in four.
 
 Each measurement runs in a fresh child process (so peak memory is that variant's alone): it loads the base model,
 resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), builds the variant, takes warm-up steps, times
 ``--steps`` AdamW steps, and reports the median step time and the peak resident memory above the loaded base model
 (the variant's trainable copies, gradients, optimizer state and activations). The parent runs every variant once per
 repeat, in a rotated order, for ``--repeats`` repeats; ratios are taken within a repeat and their medians reported,
-so slow drifts of the machine's load cancel. Results go to ``cost.json`` / ``cost.md`` (``cost_quick`` with
-``--quick``)::
+so slow drifts of the machine's load cancel. An anchored variant with ``every=k`` is timed in cycles of ``k`` steps
+(each holding one anchored step; ``--steps`` cycles for k = 1, at least 2 otherwise), per step. Results go to
+``cost.json`` / ``cost.md`` (``cost_quick`` with ``--quick``)::
 
-    python -m benchmarks.bench_cost            # SmolLM2-135M-Instruct, batch 8 x 64 tokens (~10 min)
+    python -m benchmarks.bench_cost            # SmolLM2-135M-Instruct, batch 8 x 64 tokens (~20 min)
     python -m benchmarks.bench_cost --quick    # tiny random Llama (CI, ~1 min)
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import subprocess
@@ -30,11 +33,13 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from benchmarks.tasks import RESULTS_DIR, tiny_task
-from peft_cofi import CoFiConfig, UnitImportance
+from peft_cofi import CoFiConfig, UnitImportance, attach_retention_anchor
+from peft_cofi.anchor_data import context_length
 from peft_cofi.selection import matched_modules, resolve_selection
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("cofi-update", "cofi-grad", "same-modules", "full", "lora")
+VARIANTS = ("cofi-update", "cofi-grad", "same-modules", "full", "lora", "cofi-anchor-1", "cofi-anchor-4")
+ANCHOR_EVERY = {"cofi-anchor-1": 1, "cofi-anchor-4": 4}  # CoFi (update mask) + a KL anchor on 1 step in k
 TARGETS = {  # (ratio name, numerator, denominator, target or None)
     "cofi-update / same-modules time": ("cofi-update", "same-modules", "seconds", 1.05),
     "cofi-grad / same-modules time": ("cofi-grad", "same-modules", "seconds", 1.05),
@@ -44,6 +49,9 @@ TARGETS = {  # (ratio name, numerator, denominator, target or None)
     "cofi-update / same-modules peak memory": ("cofi-update", "same-modules", "peak_mb", None),
     "cofi-update / lora time": ("cofi-update", "lora", "seconds", None),
     "cofi-update / lora peak memory": ("cofi-update", "lora", "peak_mb", None),
+    "cofi-anchor-1 / cofi-update time": ("cofi-anchor-1", "cofi-update", "seconds", None),
+    "cofi-anchor-4 / cofi-update time": ("cofi-anchor-4", "cofi-update", "seconds", None),
+    "cofi-anchor-1 / cofi-update peak memory": ("cofi-anchor-1", "cofi-update", "peak_mb", None),
 }
 
 
@@ -105,19 +113,31 @@ def child(args: argparse.Namespace) -> None:
     batch["labels"] = batch["input_ids"].clone()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS: the loaded base model
     base_kib = _status_kib("VmRSS")
-    model = build(args.child, model).train()
+    every = ANCHOR_EVERY.get(args.child)
+    model = build("cofi-update" if every else args.child, model).train()
+    anchor = None
+    if every:  # general prompts of the training batch's shape (within the model's context); values do not matter
+        width = min(args.seq_len, context_length(model) or args.seq_len)
+        prompts = [{"input_ids": torch.randint(3, vocab, (args.batch_size, width))} for _ in range(4)]
+        anchor = attach_retention_anchor(model, prompts, weight=1.0, every=every)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    cycle = every or 1  # time whole cycles of `every` steps: each holds exactly one anchored step
+    cycles = args.steps if cycle == 1 else max(2, math.ceil(args.steps / cycle))
     times = []
-    for step in range(args.steps + 2):  # two warm-up steps: the optimizer state is created on the first
-        start = time.perf_counter()
+    for step in range(2 + cycles * cycle):  # two warm-up steps: the optimizer state is created on the first
+        if step >= 2 and (step - 2) % cycle == 0:
+            start = time.perf_counter()
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step >= 2:
-            times.append(time.perf_counter() - start)
+        if step >= 2 and (step - 1) % cycle == 0:
+            times.append((time.perf_counter() - start) / cycle)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak_mb = (_status_kib("VmHWM") - base_kib) / 1024
-    print(json.dumps({"seconds": statistics.median(times), "peak_mb": peak_mb, "trainable": trainable}))
+    figures = {"seconds": statistics.median(times), "peak_mb": peak_mb, "trainable": trainable}
+    if anchor is not None:
+        figures["anchored_steps"] = anchor.state_dict()["drawn"]
+    print(json.dumps(figures))
 
 
 def measure(args: argparse.Namespace, variant: str) -> dict[str, Any]:
@@ -156,6 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": statistics.median(rep[v]["seconds"] for rep in repeats),
             "peak_mb": statistics.median(rep[v]["peak_mb"] for rep in repeats),
             "trainable": repeats[0][v]["trainable"],
+            **({"anchored_steps": repeats[0][v]["anchored_steps"]} if v in ANCHOR_EVERY else {}),
         }
         for v in VARIANTS
     }

@@ -8,6 +8,10 @@ learning rate of its grid; each run is scored on
 - versatility: (a) the cross-entropy increase on general English (WordNet example sentences), (b) retention: the
   cross-entropy increase on the base model's own greedy answers to fixed general instructions.
 
+Methods that carry a retention anchor (``fronts_methods.ANCHORED_METHODS``, run only when named with ``--methods``)
+train with ``peft_cofi.attach_retention_anchor`` on the general prompts of ``anchor_prompts.txt``, which are checked
+to be disjoint from every evaluation set.
+
 Then the settings on each method's front (not dominated within its own sweep) are rerun with more seeds, and the
 report (``RESULTS.md``-style markdown, JSON, a fronts PNG) compares fronts. Runs are cached in
 ``<name>_runs.jsonl`` and the mask importance in ``<name>_importance.safetensors`` (delete it, or pass another
@@ -33,7 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.fronts_methods import FFN, METHODS, Context, Method
+from benchmarks.anchor_prompts import ANCHOR_PROMPTS, chat_prompts, check_disjoint, prompt_batches, read_prompts
+from benchmarks.fronts_methods import ALL_METHODS, FFN, METHODS, Context, Method
 from benchmarks.fronts_report import front_settings, write_report
 from benchmarks.resources import (
     FREEDICT_ENG_FRA,
@@ -48,7 +53,7 @@ from benchmarks.resources import (
     wordnet_sentences,
 )
 from benchmarks.tasks import RESULTS_DIR, Example, Task, tiny_task, train
-from peft_cofi import CoFiConfig, UnitImportance, compute_importance
+from peft_cofi import CoFiConfig, UnitImportance, attach_retention_anchor, compute_importance
 from peft_cofi.evaluation import loss_and_exact_match, mean_loss
 
 INSTRUCTIONS = Path(__file__).resolve().parent / "general_instructions.txt"
@@ -64,12 +69,18 @@ class Setup:
     context: Context
     base: dict[str, float]
     description: dict[str, Any]
+    anchor: list[dict[str, torch.Tensor]]  # general prompt batches for methods that carry a retention anchor
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny random Llama and a synthetic task (CI)")
-    parser.add_argument("--methods", nargs="+", default=[m.name for m in METHODS], help="method names to run")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=[m.name for m in METHODS],
+        help="method names to run (default: every method of fronts_methods.METHODS; the anchored ones by name)",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds for the settings on fronts (default 3; 2 quick)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 24; 4 quick)")
     parser.add_argument("--report-only", action="store_true", help="write the report from the cached runs only")
@@ -78,13 +89,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dictionary", default=FREEDICT_ENG_FRA, help="a FreeDict dictd file (the speciality)")
     parser.add_argument("--wordnet", default=WORDNET_DIR, help="WordNet data directory (general English)")
     parser.add_argument("--instructions", type=Path, default=INSTRUCTIONS, help="general instructions, one per line")
+    parser.add_argument(
+        "--anchor-prompts", type=Path, default=ANCHOR_PROMPTS, help="general prompts for anchored methods, one per line"
+    )
     parser.add_argument("--search-results", type=Path, default=SEARCH_RESULTS, help="search.json of bench_search")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None, help="results stem (default fronts, or fronts_quick)")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.methods) - {m.name for m in METHODS})
+    unknown = sorted(set(args.methods) - {m.name for m in ALL_METHODS})
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {[m.name for m in METHODS]}")
+        parser.error(f"unknown methods {unknown}; choose from {[m.name for m in ALL_METHODS]}")
     args.steps = args.steps or (4 if args.quick else 24)
     args.seeds = args.seeds or (2 if args.quick else 3)
     args.lr_scale = args.lr_scale or (10.0 if args.quick else 1.0)
@@ -113,6 +127,8 @@ def real_setup(args: argparse.Namespace) -> Setup:
     sentences = wordnet_sentences(args.wordnet, kind="examples")
     glosses = wordnet_sentences(args.wordnet, kind="glosses")
     general = text_examples(tokenizer, rng.sample(sentences, 96))
+    # the anchor's prompts: read without drawing from rng (the other sets, hence every cached run, stay as they were)
+    anchor_texts = read_prompts(args.anchor_prompts)
     known = text_examples(tokenizer, rng.sample(glosses, 64))  # importance data: disjoint from the general set
     instructions = [line.strip() for line in args.instructions.read_text().splitlines() if line.strip()]
     retention = [
@@ -133,6 +149,15 @@ def real_setup(args: argparse.Namespace) -> Setup:
         pad_id=pad,
         general=general,
     )
+    check_disjoint(
+        anchor_texts,
+        {
+            "retention instructions": instructions,
+            "general-English sentences": sentences,
+            "held-out dictionary words": [english for english, _ in held_pairs],
+        },
+    )
+    anchor = prompt_batches(chat_prompts(tokenizer, anchor_texts), pad, batch_size=8)
     searched = searched_coarse(args.search_results, list(range(8, 23)))
     description = {
         "model": "SmolLM2-135M-Instruct (30 layers, float32, CPU)",
@@ -140,7 +165,7 @@ def real_setup(args: argparse.Namespace) -> Setup:
         "general": f"{len(general)} WordNet example sentences; importance on {len(known)} WordNet glosses",
         "retention": f"base model's greedy answers (48 tokens max) to {len(instructions)} general instructions",
     }
-    return _finish_setup(args, task, retention, known, searched, description)
+    return _finish_setup(args, task, retention, known, searched, description, anchor)
 
 
 def quick_setup(args: argparse.Namespace) -> Setup:
@@ -153,11 +178,16 @@ def quick_setup(args: argparse.Namespace) -> Setup:
         {"input_ids": ids, "labels": ids} for ids in ([rng.randrange(10, 250) for _ in range(12)] for _ in range(16))
     ]
     retention = [_greedy_answer(task.base, [1, *(rng.randrange(10, 250) for _ in range(6))], 6) for _ in range(8)]
+    anchor_rng = random.Random(2)  # its own generator: the sets above (and cached runs) stay as they were
+    prompts = [[1, *(anchor_rng.randrange(10, 250) for _ in range(6))] for _ in range(8)]
+    prompts_of = [[t for t, label in zip(r["input_ids"], r["labels"], strict=True) if label == -100] for r in retention]
+    check_disjoint(prompts, {"retention prompts": prompts_of, "general": [e["input_ids"] for e in task.general]})
     description = {"model": "tiny random Llama (8 layers)", "speciality": "synthetic word dictionary"}
-    return _finish_setup(args, task, retention, known, (list(FFN), list(range(2, 6)), "FFN 2-5"), description)
+    searched = (list(FFN), list(range(2, 6)), "FFN 2-5")
+    return _finish_setup(args, task, retention, known, searched, description, prompt_batches(prompts, 0, 8))
 
 
-def _finish_setup(args, task: Task, retention, known, searched, description) -> Setup:
+def _finish_setup(args, task: Task, retention, known, searched, description, anchor) -> Setup:
     cache = args.out_dir / f"{args.name}_importance.safetensors"
     if cache.is_file():
         importance = UnitImportance.load(cache)
@@ -167,7 +197,7 @@ def _finish_setup(args, task: Task, retention, known, searched, description) -> 
         importance.save(cache)
     context = Context(importance, searched[0], searched[1])
     description["searched"] = f"{searched[2]}: modules {searched[0]}, layers {searched[1]}"
-    setup = Setup(task, retention, context, {}, description)
+    setup = Setup(task, retention, context, {}, description, anchor)
     setup.base = evaluate(task.base, setup)
     return setup
 
@@ -207,9 +237,21 @@ def run_one(method: Method, lr: float, seed: int, setup: Setup, args: argparse.N
     torch.manual_seed(seed)
     model = method.build(setup.task.fresh_base(), setup.context)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    anchor, anchor_record = None, {}
+    if method.anchor is not None:
+        # an adapter gives its base through disable_adapter(); full fine-tuning needs a frozen copy of the base
+        reference = None if hasattr(model, "disable_adapter") else setup.task.fresh_base()
+        settings = {"weight": method.anchor.weight, "kind": method.anchor.kind, "every": method.anchor.every}
+        answers = args.out_dir / f"{args.name}_anchor_answers.json" if method.anchor.kind == "self-answers" else None
+        anchor = attach_retention_anchor(
+            model, setup.anchor, **settings, reference=reference, answers_file=answers, progress=False
+        )
     start = time.perf_counter()
     train(model, setup.task, args.steps, args.batch_size, lr, seed=seed)
     train_seconds = time.perf_counter() - start
+    if anchor is not None:
+        anchor_record = {"anchor": {**settings, "mean": anchor.mean_since()[0]}}
+        anchor.detach()
     scores = evaluate(model, setup)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
@@ -226,13 +268,14 @@ def run_one(method: Method, lr: float, seed: int, setup: Setup, args: argparse.N
         "trainable_params": trainable,
         "checkpoint_bytes": checkpoint_bytes,
         "train_seconds": round(train_seconds, 2),
+        **anchor_record,
     }
 
 
 def run_all(args: argparse.Namespace, setup: Setup, cache: Path) -> list[dict[str, Any]]:
     records = [json.loads(line) for line in cache.read_text().splitlines()] if cache.is_file() else []
     done = {(r["method"], r["lr"], r["seed"]) for r in records}
-    methods = [m for m in METHODS if m.name in args.methods]
+    methods = [m for m in ALL_METHODS if m.name in args.methods]
 
     def ensure(method: Method, lr: float, seed: int) -> None:
         if (method.name, lr, seed) in done:
@@ -281,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         saved_setup.write_text(json.dumps({"base": base, "description": description}, indent=1))
         print(f"base model: {json.dumps({k: round(v, 4) for k, v in base.items()})}", flush=True)
         records = run_all(args, setup, cache)
-    write_report(records, base, METHODS, description, settings, args.out_dir, args.name)
+    write_report(records, base, ALL_METHODS, description, settings, args.out_dir, args.name)
     print(f"wrote {args.out_dir / args.name}.md/.json/.png in {time.perf_counter() - start:.0f} s")
     return 0
 

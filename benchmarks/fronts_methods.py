@@ -4,6 +4,11 @@ Every method trains with the same loop, data, steps and seeds (``benchmarks.task
 and how, differs. Learning-rate grids are per method (a LoRA adapter needs a larger rate than a full fine-tune):
 each method is run at every rate of its grid, so that fronts, not points, are compared.
 
+A method can carry a retention anchor (:class:`Anchor`, :func:`anchored`): the benchmark then attaches
+``peft_cofi.attach_retention_anchor`` on its general anchor prompts before training. An adapter method gets its base
+model from ``disable_adapter()``; full fine-tuning gets a frozen copy of the base model as ``reference``. The anchored
+variants in :data:`ANCHORED_METHODS` run only when named with ``--methods``; :data:`METHODS` is unchanged.
+
 Example:
     >>> [m.name for m in METHODS][:3]
     ['full', 'lora-all', 'lora-ffn']
@@ -12,7 +17,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from peft import LoraConfig, OSFConfig, get_peft_model
@@ -37,12 +42,22 @@ class Context:
 
 
 @dataclass(frozen=True)
+class Anchor:
+    """A retention anchor a method trains with (see ``peft_cofi.attach_retention_anchor``)."""
+
+    weight: float
+    kind: str = "kl"  # "kl" or "self-answers"
+    every: int = 1  # applied on one training step in `every`
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     label: str
     lrs: tuple[float, ...]
     build: Callable[[nn.Module, Context], nn.Module]
     family: str  # plot colour group: "baseline", "lora", "cofi"
+    anchor: Anchor | None = None  # train with a retention anchor on the benchmark's anchor prompts
 
 
 def full_fine_tuning(model: nn.Module, ctx: Context) -> nn.Module:
@@ -102,3 +117,23 @@ METHODS: list[Method] = [
     Method("cofi-update-1", "CoFi + update mask, t=1", COFI_LRS, cofi("update", 1.0), "cofi"),
     Method("cofi-searched", "CoFi searched coarse + update mask, t=1", COFI_LRS, cofi("update", 1.0, True), "cofi"),
 ]
+
+
+def anchored(method: Method, weight: float, kind: str = "kl", every: int = 1) -> Method:
+    """``method`` trained with a retention anchor; its name and label say which (cached runs are kept by name).
+
+    Example:
+        >>> anchored(METHODS[0], 1.0).name
+        'full+anchor-kl-1'
+    """
+    suffix = f"+anchor-{kind}-{weight:g}" + (f"-every{every}" if every > 1 else "")
+    label = f"{method.label} + anchor ({kind}, weight {weight:g}" + (f", 1 step in {every})" if every > 1 else ")")
+    return replace(method, name=method.name + suffix, label=label, anchor=Anchor(weight, kind, every))
+
+
+ANCHOR_WEIGHT = 1.0
+# Run only when named with --methods: the anchor on full fine-tuning, LoRA and CoFi (the fronts issue extends these).
+ANCHORED_METHODS: list[Method] = [
+    anchored(method, ANCHOR_WEIGHT) for method in METHODS if method.name in ("full", "lora-ffn", "cofi-update-1")
+]
+ALL_METHODS = METHODS + ANCHORED_METHODS

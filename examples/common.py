@@ -3,7 +3,7 @@
 Each example runs on the same task as ``quickstart.py`` (``benchmarks.tasks``): SmolLM2-135M-Instruct learning
 English->French words, or with ``--tiny`` a random 8-layer Llama and a synthetic dictionary (seconds, no extras).
 The CoFi model is the quickstart's: FFN ``up_proj``/``down_proj`` of the ``bottom2`` layers, with a soft mask from
-KL-dropout importance on general text.
+KL-dropout importance on general text. ``--anchor [WEIGHT]`` adds a retention anchor (:func:`attach_anchor`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from benchmarks.anchor_prompts import INSTRUCTIONS, chat_prompts, check_disjoint, prompt_batches, read_prompts
 from benchmarks.resources import collate, smollm2_cache_dir
 from benchmarks.tasks import Example, Task, real_task, tiny_task
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from peft_cofi import CoFiConfig, UnitImportance, compute_importance
+from peft_cofi import CoFiConfig, UnitImportance, attach_retention_anchor, compute_importance
+from peft_cofi.anchor import KINDS, RetentionAnchor
 from peft_cofi.evaluation import mean_loss
 
 
@@ -38,6 +40,23 @@ def parser(description: str) -> argparse.ArgumentParser:
     out.add_argument("--batch-size", type=int, default=8)
     out.add_argument("--max-len", type=int, default=64, help="truncate examples to this many tokens")
     out.add_argument("--out", type=Path, default=None, help="output dir (default: a new temp dir)")
+    anchor = out.add_argument_group("retention anchor (peft_cofi.attach_retention_anchor)")
+    anchor.add_argument(
+        "--anchor",
+        type=float,
+        nargs="?",
+        const=1.0,
+        default=None,
+        metavar="WEIGHT",
+        help="anchor training to the base model on general prompts with this weight (default 1.0 when given)",
+    )
+    anchor.add_argument(
+        "--anchor-kind",
+        choices=KINDS,
+        default="kl",
+        help="kl: KL from the base model's next-token distributions; self-answers: the base model's own answers",
+    )
+    anchor.add_argument("--anchor-every", type=int, default=1, help="apply the anchor on one training call in N")
     return out
 
 
@@ -68,6 +87,49 @@ def batches(examples: list[Example], task: Task, args: argparse.Namespace) -> li
     """Padded batches of ``args.batch_size`` examples, truncated to ``args.max_len`` tokens."""
     size = args.batch_size
     return [collate(examples[i : i + size], task.pad_id, args.max_len) for i in range(0, len(examples), size)]
+
+
+def anchor_batches(task: Task, args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+    """General prompts for the retention anchor: ``benchmarks/anchor_prompts.txt`` in SmolLM2's chat template
+    (checked disjoint from the retention instructions), or random token prompts for the tiny task (another seed than
+    the monitor's general examples)."""
+    if args.tiny:
+        prompts = [example["input_ids"] for example in general_examples(task, 16, args.seed + 2)]
+        check_disjoint(prompts, {"held-out": [example["input_ids"] for example in task.held_out]})
+    else:
+        texts = read_prompts()
+        check_disjoint(texts, {"retention instructions": read_prompts(INSTRUCTIONS)})
+        prompts = [ids[: args.max_len] for ids in chat_prompts(tokenizer_for(task, tiny=False), texts)]
+    return prompt_batches(prompts, task.pad_id, args.batch_size)
+
+
+def attach_anchor(model_or_trainer: Any, task: Task, args: argparse.Namespace) -> RetentionAnchor | None:
+    """With ``--anchor``: :func:`peft_cofi.attach_retention_anchor` on the model (plain loops) or the Trainer (logged
+    and checkpointed), with the answers of ``--anchor-kind self-answers`` cached in ``OUT/anchor_answers.json``."""
+    if args.anchor is None:
+        return None
+    batches = anchor_batches(task, args)
+    answers = args.out / "anchor_answers.json" if args.anchor_kind == "self-answers" else None
+    anchor = attach_retention_anchor(
+        model_or_trainer,
+        batches,
+        weight=args.anchor,
+        kind=args.anchor_kind,
+        every=args.anchor_every,
+        answers_file=answers,
+        max_new_tokens=8 if args.tiny else 32,  # the tiny task's model has a context of 32 tokens
+    )
+    kind = "KL to the base model" if args.anchor_kind == "kl" else "the base model's own answers"
+    schedule = "every call" if args.anchor_every == 1 else f"one call in {args.anchor_every}"
+    print(f"retention anchor: {kind}, weight {args.anchor:g}, on {schedule}; {len(batches)} batches of general prompts")
+    return anchor
+
+
+def report_anchor(anchor: RetentionAnchor | None) -> None:
+    """Print the anchor's mean value over the run (nothing without ``--anchor``)."""
+    if anchor is not None:
+        mean, (_, count) = anchor.mean_since()
+        print(f"retention anchor: mean anchor_loss {mean:.4g} over {count} anchored calls")
 
 
 def data_collator(task: Task, args: argparse.Namespace) -> Callable[[list[Example]], dict[str, torch.Tensor]]:

@@ -10,7 +10,8 @@ Every ``--every`` steps (and at step 0) the monitor measures, on fixed batches: 
 model's next-token distributions, and the held-out translation loss. The values go through ``trainer.log`` (so they
 appear in ``trainer.state.log_history`` and in any ``report_to`` integration as ``monitor/...``); at the end the
 monitor writes the history as JSON and a plot: ``benchmarks/results/monitor_smollm2.{json,png}`` for the real run,
-``OUT/monitor_tiny.{json,png}`` with ``--tiny``.
+``OUT/monitor_tiny.{json,png}`` with ``--tiny``. ``--anchor [WEIGHT]`` trains with a retention anchor, whose mean
+the monitor records as ``anchor_loss``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.tasks import RESULTS_DIR
-from examples.common import batches, cofi_model, data_collator, general_examples, parser, prepare
+from examples.common import (
+    attach_anchor,
+    batches,
+    cofi_model,
+    data_collator,
+    general_examples,
+    parser,
+    prepare,
+    report_anchor,
+)
 from transformers import Trainer, TrainingArguments
 
 from peft_cofi import ForgettingMonitor
@@ -61,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         model=model, args=training_args, train_dataset=task.train, data_collator=data_collator(task, args)
     )
     monitor.attach(trainer)
+    anchor = attach_anchor(trainer, task, args)  # with --anchor, the monitor also records anchor_loss
     trainer.train()
+    report_anchor(anchor)
 
     history = monitor.history
     first, last = history[0], history[-1]

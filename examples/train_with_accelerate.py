@@ -5,13 +5,16 @@ Run from the repository root::
     python examples/train_with_accelerate.py --tiny         # random tiny Llama, synthetic data: seconds
     python examples/train_with_accelerate.py                # SmolLM2-135M-Instruct, FreeDict (see the README)
     accelerate launch examples/train_with_accelerate.py     # the same loop on several processes / GPUs
+    python examples/train_with_accelerate.py --tiny --anchor 2   # + a retention anchor on general prompts
 
 The loop is accelerate's usual one: ``accelerator.prepare`` the model, optimizer and data loader, then
 ``accelerator.backward(loss)``. A :class:`peft_cofi.ForgettingMonitor` (its plain-loop API: ``monitor.step`` after
 every optimizer step, ``monitor.finish`` at the end) measures the loss increase and the KL to the base model on
 general text, and the held-out loss, every ``--monitor-every`` steps, and writes ``OUT/forgetting_monitor.json`` and
 ``.png``. The adapter is saved with ``accelerator.unwrap_model(model).save_pretrained(OUT/adapter)``, reloaded onto a
-fresh base model and checked: the script exits non-zero when the logits differ.
+fresh base model and checked: the script exits non-zero when the logits differ. With ``--anchor`` the retention
+anchor is attached to the model before ``accelerator.prepare`` (the loop itself does not change; each process draws
+its own shard of the anchor prompts) and the monitor records its mean (``anchor_loss``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from accelerate import Accelerator
 from examples.common import (
+    attach_anchor,
     batches,
     check_reload,
     cofi_model,
@@ -33,6 +37,7 @@ from examples.common import (
     held_out_loss,
     parser,
     prepare,
+    report_anchor,
 )
 from torch.utils.data import DataLoader
 
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator()
     model = cofi_model(task, args)
     before = held_out_loss(model, task, args)
+    anchor = attach_anchor(model, task, args)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     loader = DataLoader(
         task.train,
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     after = held_out_loss(unwrapped, task, args)
     print(f"held-out loss: {before:.4f} -> {after:.4f}")
+    report_anchor(anchor)
     if monitor is not None:
         written = monitor.finish(unwrapped, step)
         print(f"monitor: {written['png']} and {written['json']}")

@@ -5,6 +5,7 @@ Run from the repository root::
     python examples/train_with_trainer.py --tiny            # random tiny Llama, synthetic data: seconds
     python examples/train_with_trainer.py                   # SmolLM2-135M-Instruct, FreeDict (see the README)
     python examples/train_with_trainer.py --tiny --out OUT --resume-from OUT/trainer/checkpoint-20
+    python examples/train_with_trainer.py --tiny --anchor 2   # + a retention anchor (logged, checkpointed)
 
 Every checkpoint (``OUT/trainer/checkpoint-N``) holds ``adapter_model.safetensors`` and ``adapter_config.json`` (the
 diff of the trained modules, not a full model) plus the optimizer, scheduler and RNG state, so ``--resume-from``
@@ -20,7 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples.common import check_reload, cofi_model, data_collator, held_out_loss, parser, prepare
+from examples.common import (
+    attach_anchor,
+    check_reload,
+    cofi_model,
+    data_collator,
+    held_out_loss,
+    parser,
+    prepare,
+    report_anchor,
+)
 from transformers import Trainer, TrainingArguments
 
 
@@ -51,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(
         model=model, args=training_args, train_dataset=task.train, data_collator=data_collator(task, args)
     )
+    anchor = attach_anchor(trainer, task, args)  # the Trainer logs it and keeps its data position in checkpoints
     trainer.train(resume_from_checkpoint=str(args.resume_from) if args.resume_from else None)
+    report_anchor(anchor)
     after = held_out_loss(model, task, args)
 
     adapter_dir = args.out / "adapter"

@@ -4,6 +4,7 @@ Run from the repository root::
 
     python examples/train_with_trl.py --tiny                # random tiny Llama, synthetic data: seconds
     python examples/train_with_trl.py                       # SmolLM2-135M-Instruct, FreeDict (see the README)
+    python examples/train_with_trl.py --tiny --anchor 2     # + a retention anchor on general prompts
 
 ``SFTTrainer`` wraps the base model itself (``get_peft_model`` with the CoFi config; ``import peft_cofi`` registers
 the method). The data are already tokenised chat examples with the prompt masked out of ``labels``, which
@@ -23,7 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from datasets import Dataset
-from examples.common import check_reload, cofi_importance, held_out_loss, parser, prepare, tokenizer_for
+from examples.common import (
+    attach_anchor,
+    check_reload,
+    cofi_importance,
+    held_out_loss,
+    parser,
+    prepare,
+    report_anchor,
+    tokenizer_for,
+)
 from trl import SFTConfig, SFTTrainer
 
 from peft_cofi import CoFiConfig
@@ -58,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         peft_config=config,
     )
     trainer.model.print_trainable_parameters()
+    anchor = attach_anchor(trainer, task, args)  # after SFTTrainer wrapped the model with the CoFi adapter
     trainer.train()
+    report_anchor(anchor)
     after = held_out_loss(trainer.model, task, args)
 
     adapter_dir = args.out / "adapter"

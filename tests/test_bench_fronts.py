@@ -90,3 +90,6 @@ def test_quick_cost_benchmark_measures_every_variant(tmp_path):
     assert all(v["seconds"] > 0 and v["peak_mb"] > 0 for v in variants.values())
     assert variants["cofi-update"]["trainable"] == variants["same-modules"]["trainable"] < variants["full"]["trainable"]
     assert set(results["ratios"]) == set(bench_cost.TARGETS)
+    # the anchored variants ran the anchor: on all 2 + 3 steps (every=1), on steps 0, 4, 8 of 2 + 2 x 4 (every=4)
+    assert variants["cofi-anchor-1"]["anchored_steps"] == 5 and variants["cofi-anchor-4"]["anchored_steps"] == 3
+    assert variants["cofi-anchor-1"]["trainable"] == variants["cofi-update"]["trainable"]

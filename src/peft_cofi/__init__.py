@@ -9,9 +9,9 @@ Example:
     'COFI'
 """
 
-__version__ = "0.1.0"
-
 from . import patches
+from ._version import __version__
+from .anchor import attach_retention_anchor
 from .checkpoint import save_diff
 from .config import CoFiConfig
 from .diff_format import CheckpointError, read_diff_file
@@ -31,6 +31,7 @@ __all__ = [
     "ForgettingMonitor",
     "UnitImportance",
     "__version__",
+    "attach_retention_anchor",
     "compute_importance",
     "export_lora",
     "merge_into_base",

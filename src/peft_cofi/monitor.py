@@ -5,7 +5,9 @@ Every ``every_n_steps`` optimizer steps (and at step 0) :class:`ForgettingMonito
 - *versatility* on general-text batches (:func:`peft_cofi.evaluation.versatility_metrics`): the model's loss
   ``general_loss``, the base model's ``base_loss`` (from ``disable_adapter()``, exact for CoFi), their difference
   ``ce_increase`` (ΔCE, peft's forgetting convention) and ``kl`` = KL(base || tuned) per position;
-- *speciality* on held-out task batches: ``eval_loss`` (:func:`peft_cofi.evaluation.mean_loss`).
+- *speciality* on held-out task batches: ``eval_loss`` (:func:`peft_cofi.evaluation.mean_loss`);
+- when a retention anchor is attached to the model (:func:`peft_cofi.attach_retention_anchor`): ``anchor_loss``, the
+  mean of the anchor's values since the previous measurement (when it was applied since).
 
 Use it from a plain loop (``monitor.step(model, step)`` after each optimizer step, ``monitor.finish(model, step)``
 at the end) or with a ``transformers.Trainer`` / TRL trainer (``monitor.attach(trainer)``): there every measurement
@@ -39,6 +41,7 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .anchor import anchor_of, log_through
 from .evaluation import Batch, mean_loss, versatility_metrics
 
 LOG_PREFIX = "monitor/"
@@ -89,6 +92,7 @@ class ForgettingMonitor(TrainerCallback):
         self.reference = reference
         self._records: dict[int, dict[str, float]] = {}
         self._trainer: Any = None
+        self._anchor_mark: tuple[Any, tuple[float, int]] = (None, (0.0, 0))
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -105,6 +109,13 @@ class ForgettingMonitor(TrainerCallback):
         record.update({key: versatility[source] for source, key in _VERSATILITY.items()})
         if self.eval is not None:
             record["eval_loss"] = mean_loss(model, self.eval)
+        anchor = anchor_of(model)
+        if anchor is not None:
+            last, mark = self._anchor_mark
+            mean, mark = anchor.mean_since(mark if last is anchor else (0.0, 0))
+            self._anchor_mark = (anchor, mark)
+            if mean is not None:
+                record["anchor_loss"] = mean
         self._records[step] = record
         return record
 
@@ -190,7 +201,7 @@ class ForgettingMonitor(TrainerCallback):
             self._log(record)
 
     def _log(self, record: Mapping[str, float]) -> None:
-        self._trainer.log({LOG_PREFIX + key: value for key, value in record.items() if key != "step"})
+        log_through(self._trainer, {LOG_PREFIX + key: value for key, value in record.items() if key != "step"})
 
 
 def _check_step(step: int) -> None:
