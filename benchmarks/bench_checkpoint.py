@@ -169,8 +169,8 @@ def write_report(results: dict, out: Path) -> None:
     for name, v in results["variants"].items():
         lines.append(
             f"| {name} | {v['bytes']:,} | {v['bytes_vs_trainable']:.3f} | {v['bytes_vs_dense']:.3f} | "
-            f"{v['save_s']:.3f} | {v['load_apply_s']:.3f} | {v['speciality_loss']:.4f} | "
-            f"{v['general_loss']:.4f} |"
+            f"{v['save_s']:.3f} | {v['load_apply_s']:.3f} | {fmt(v['speciality_loss'])} | "
+            f"{fmt(v['general_loss'])} |"
         )
     lora, full = results["lora_equal_bytes"], results["full_model"]
     lines += [

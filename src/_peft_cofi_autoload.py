@@ -21,6 +21,9 @@ import importlib.util
 import os
 import sys
 import warnings
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import Any
 
 ENV_VAR = "PEFT_COFI_AUTOLOAD"
 
@@ -32,11 +35,11 @@ def _register() -> None:
         warnings.warn(f"peft-cofi could not register with peft: {error!r}", stacklevel=3)
 
 
-def _import_peft_before_load_adapter(module) -> None:  # noqa: ANN001
+def _import_peft_before_load_adapter(module: ModuleType) -> None:
     mixin = module.PeftAdapterMixin
     original = mixin.load_adapter
 
-    def load_adapter(self, *args, **kwargs):  # noqa: ANN001, ANN202
+    def load_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:
         import peft  # noqa: F401  (registers CoFi, which wraps PeftAdapterMixin.load_adapter)
 
         current = mixin.load_adapter
@@ -60,7 +63,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         self.pending = dict(_AFTER_IMPORT)
         self.resolving: set[str] = set()
 
-    def find_spec(self, fullname, path, target=None):  # noqa: ANN001, ANN201 (importlib protocol)
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> ModuleSpec | None:
         if fullname not in self.pending or fullname in self.resolving:
             return None
         self.resolving.add(fullname)
@@ -72,7 +75,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
             return spec
         exec_module = spec.loader.exec_module
 
-        def exec_then_hook(module):  # noqa: ANN001, ANN202
+        def exec_then_hook(module: ModuleType) -> None:
             exec_module(module)
             hook = self.pending.pop(fullname, None)
             if not self.pending and self in sys.meta_path:

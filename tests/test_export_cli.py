@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -53,6 +54,7 @@ def test_lora_export_loads_in_plain_peft_and_matches_the_diff(saved, tokens, tmp
     subprocess.run(
         [sys.executable, "-c", PLAIN_PEFT, str(base_dir), str(tmp_path / "lora"), str(tokens.tolist()), str(out)],
         check=True,
+        env={**os.environ, "PEFT_COFI_AUTOLOAD": "0"},  # plain peft: without peft-cofi registered
     )
     torch.testing.assert_close(torch.load(out), logits(model, tokens), atol=1e-4, rtol=1e-4)
 
@@ -112,7 +114,7 @@ def test_export_command_and_errors(saved, tmp_path, capsys):
     assert main(["export-lora", str(adapter_dir), str(tmp_path / "lora"), "--rank", "8"]) == 0
     assert "max relative error" in capsys.readouterr().out
     assert main(["export-lora", str(adapter_dir), str(tmp_path / "x")]) == 2
-    assert "give rank" in capsys.readouterr().err
+    assert "give --rank" in capsys.readouterr().err
     (tmp_path / "broken.safetensors").write_bytes(b"not a file")
     assert main(["inspect", str(tmp_path / "broken.safetensors")]) == 2
     assert "not a readable safetensors file" in capsys.readouterr().err

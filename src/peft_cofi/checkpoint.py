@@ -78,6 +78,11 @@ def loading(verify_base: bool | None = None) -> Iterator[LoadContext]:
         _LOADING.reset(token)
 
 
+def is_loading() -> bool:
+    """Whether a loading call is in progress (its file brings the adapter's base fingerprints)."""
+    return _LOADING.get() is not None
+
+
 def record_header(path: str | os.PathLike) -> None:
     """Remember the header of a file read inside a :func:`loading` scope (no-op outside one)."""
     context = _LOADING.get()

@@ -22,11 +22,14 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import xxhash
 from safetensors import SafetensorError, safe_open
 
+from ._version import __version__
+from .atomic_io import recover_adapter_folder
 from .mask import MASK_MODES, masked_diff
 
 FORMAT_NAME = "peft-cofi-diff"
@@ -271,8 +274,6 @@ def _table_checksum(metadata: dict[str, str]) -> str:
 
 def build_header(modules: dict[str, dict], others: dict[str, str], **fields: str | None) -> dict[str, str]:
     """The safetensors header metadata: string fields, the per-module records and the other tensors' checksums."""
-    from . import __version__
-
     header = {"cofi_format": FORMAT_NAME, "cofi_format_version": FORMAT_VERSION, "peft_cofi_version": __version__}
     header.update({key: str(value) for key, value in fields.items() if value is not None})
     header[MODULES_KEY] = json.dumps(modules, sort_keys=True)
@@ -410,6 +411,7 @@ def read_diff_file(path: str | os.PathLike) -> DiffFile:
         read_diff_file("adapter/adapter_model.safetensors").records.keys()
     """
     source = repr(str(path))
+    recover_adapter_folder(Path(path).parent)  # finish a save that was interrupted after its commit
     header = parse_header(read_header(path), source)
     tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in header.records}
     others: dict[str, torch.Tensor] = {}

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, TaskType
+from peft import LoraConfig, PeftModel, TaskType
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .diff_format import in_model_order, read_diff_file
+from .diff_format import PEFT_PREFIX, in_model_order, read_diff_file
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -78,8 +79,8 @@ def export_lora(
         norm = diff.norm().item()
         report.ranks[name] = r
         report.rel_errors[name] = (lora_b @ lora_a - diff).norm().item() / norm if norm > 0 else 0.0
-        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_b.contiguous()
     top_rank = max(report.ranks.values())
     lora_config = LoraConfig(
         r=top_rank,
@@ -99,17 +100,20 @@ def export_lora(
 
 
 def merge_into_base(
-    base: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, max_shard_size: str = "2GB"
+    base: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    max_shard_size: str = "2GB",
+    verify_base: bool = True,
 ) -> None:
     """Apply a CoFi diff to its base model and write a full transformers model (sharded safetensors).
 
-    The diff is validated against the base (fingerprints) before any weight changes.
+    The diff is validated against the base (fingerprints) before any weight changes; ``verify_base=False`` applies
+    it to other weights anyway.
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(str(base))
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(progressbar=True)
+    adapted = PeftModel.from_pretrained(model, str(adapter_dir), verify_base=verify_base)
+    merged = adapted.merge_and_unload(progressbar=True)
     merged.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
     # A base folder without a tokenizer still gives a complete merged model.
     with contextlib.suppress(OSError, ValueError):

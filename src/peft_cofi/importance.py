@@ -30,12 +30,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .diff_format import PEFT_PREFIX
 from .mask import combine_importance, normalize_importance
 
 FORMAT_NAME = "peft-cofi-importance"
 FORMAT_VERSION = "1"
-# Prefixes a wrapped model adds in front of the base model's module names.
-_WRAPPER_PREFIXES = ("base_model.model.",)
 
 
 class UnitImportance:
@@ -190,7 +189,4 @@ def strip_wrapper_prefix(name: str) -> str:
         >>> strip_wrapper_prefix("base_model.model.model.layers.0.mlp.up_proj")
         'model.layers.0.mlp.up_proj'
     """
-    for prefix in _WRAPPER_PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix) :]
-    return name
+    return name.removeprefix(PEFT_PREFIX)

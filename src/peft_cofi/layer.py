@@ -53,11 +53,6 @@ def untrainable_reason(module: nn.Module, model_is_loaded: bool = True) -> str |
     return None
 
 
-def _is_local_full(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` holds its full values here (not meta, not a ZeRO-3 placeholder, not an FSDP2 shard)."""
-    return weight.device.type != "meta" and not is_zero3_partitioned(weight) and not is_dtensor(weight)
-
-
 def _is_offloaded(module: nn.Module) -> bool:
     """Whether accelerate hooks keep this module's weights elsewhere and load them only for the forward pass."""
     hook = getattr(module, "_hf_hook", None)
@@ -122,8 +117,6 @@ class CoFiLayer(BaseTunerLayer):
         self.cofi_delta[adapter_name] = nn.Parameter(delta)
         self.cofi_mask[adapter_name] = mask_factors.detach().to(torch.float32).clone()
         self.cofi_base_fingerprint[adapter_name] = torch.zeros(FINGERPRINT_BYTES, dtype=torch.uint8)
-        if _is_local_full(base_weight) and not self.merged:
-            self.base_fingerprint(adapter_name)  # now, while the base weight is surely the one the diff applies to
         self.cofi_mask_mode[adapter_name] = config.mask_mode
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -142,6 +135,11 @@ class CoFiLayer(BaseTunerLayer):
         for buffers in (self.cofi_mask, self.cofi_base_fingerprint):
             if adapter_name in buffers:
                 buffers[adapter_name] = buffers[adapter_name].to(target)
+
+    def has_full_base_weight(self) -> bool:
+        """Whether the base weight holds its full values here (not meta, a ZeRO-3 placeholder or an FSDP2 shard)."""
+        weight = self.get_base_layer().weight
+        return weight.device.type != "meta" and not is_zero3_partitioned(weight) and not is_dtensor(weight)
 
     def base_fingerprint(self, adapter_name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The fingerprint of the base weight ``adapter_name``'s diff applies to. Taken once, when the adapter is

@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .checkpoint import decode_adapter_state
+from .checkpoint import decode_adapter_state, is_loading
 from .config import CHECKPOINT_IMPORTANCE, CoFiConfig
 from .diff_format import FINGERPRINT
 from .distributed import gather_adapter_state, weight_shape
@@ -139,12 +139,15 @@ class CoFiModel(BaseTuner):
         factors = self._pending_mask_factors[current_key]
         if isinstance(target, CoFiLayer):
             target.update_layer(adapter_name, factors, config=peft_config)
-            return
-        new_module = Linear(target, adapter_name, factors, config=peft_config)
-        if adapter_name not in self.active_adapters:
-            # an added adapter is not trainable until it is activated
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+            layer = target
+        else:
+            layer = Linear(target, adapter_name, factors, config=peft_config)
+            if adapter_name not in self.active_adapters:
+                layer.requires_grad_(False)  # an added adapter is not trainable until it is activated
+            self._replace_module(parent, target_name, layer, target)
+        if layer.has_full_base_weight() and not layer.merged and not is_loading():
+            # The base this diff applies to, taken now (a load brings its own; a sharded base is taken on save).
+            layer.base_fingerprint(adapter_name)
 
     # --- checkpoint mapping: the file holds the layers' own state (docs/FORMAT.md), checked on every load ---
 

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._version import __version__
 from .config import CoFiConfig
 from .gates import OutputGates, frozen_model_state
 from .importance import UnitImportance
@@ -321,7 +322,6 @@ def _finish(
             "protected. Their outputs are zero or do not reach the loss.",
             stacklevel=3,
         )
-    from . import __version__  # late: this module may be imported while the package initialises
 
     pooled = [t.name for t in targets if t.head_dim]
     return UnitImportance(

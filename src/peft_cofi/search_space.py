@@ -12,10 +12,11 @@ group           roles                       Llama-like modules
 ``attn_ffn``    all seven                   all of the above
 =============== =========================== =====================================
 
-Roles map to module names per architecture (:data:`ARCH_MODULE_ROLES`); a fused module (GPT-2's ``c_attn`` holds
-q, k and v) belongs to a group only when all its roles do. A group that an architecture cannot form exactly (a fused
-module straddles it, or none of its modules exists) is skipped with a note; one that gives the same modules as an
-earlier group (GPT-2 and OPT have no ``gate``, so ``ffn`` = ``ffn_up_down``) is merged into it, also with a note.
+Roles map to module names per architecture (:data:`peft_cofi.selection.ARCH_MODULE_ROLES`); a fused module
+(GPT-2's ``c_attn`` holds q, k and v) belongs to a group only when all its roles do. A group that an architecture
+cannot form exactly (a fused module straddles it, or none of its modules exists) is skipped with a note; one that
+gives the same modules as an earlier group (GPT-2 and OPT have no ``gate``, so ``ffn`` = ``ffn_up_down``) is merged
+into it, also with a note.
 
 *Windows* are depth-fraction ranges ``[a, b)`` (:mod:`peft_cofi.windows`). The tree: the full depth's children are
 the three half-depth windows (``bottom-plus``, ``middle-plus``, ``top-plus``); every other window's children are its
@@ -46,9 +47,9 @@ from torch import nn
 
 from .config import CoFiConfig
 from .layer import SUPPORTED_LAYERS
-from .windows import NAMED_WINDOWS
+from .selection import ARCH_MODULE_ROLES, LAYER_COUNT_KEYS, ROLES
+from .windows import NAMED_WINDOWS, window_layers
 
-ROLES = ("q", "k", "v", "o", "up", "gate", "down")
 MODULE_GROUPS: dict[str, tuple[str, ...]] = {
     "attn_qkv": ("q", "k", "v"),
     "attn": ("q", "k", "v", "o"),
@@ -58,43 +59,6 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
 }
 # Compared on the half-depth windows first: attention, FFN, both. The finer groups come in as refinements.
 FIRST_LEVEL_GROUPS = ("attn", "ffn", "attn_ffn")
-
-_LLAMA_LIKE = {
-    "q_proj": ("q",),
-    "k_proj": ("k",),
-    "v_proj": ("v",),
-    "o_proj": ("o",),
-    "up_proj": ("up",),
-    "gate_proj": ("gate",),
-    "down_proj": ("down",),
-}
-_GPT2_LIKE = {"attn.c_attn": ("q", "k", "v"), "attn.c_proj": ("o",), "mlp.c_fc": ("up",), "mlp.c_proj": ("down",)}
-_OPT_LIKE = {
-    "q_proj": ("q",),
-    "k_proj": ("k",),
-    "v_proj": ("v",),
-    "out_proj": ("o",),
-    "fc1": ("up",),
-    "fc2": ("down",),
-}
-# Module name (matched as a dotted suffix) -> the roles it holds, per ``config.model_type``.
-ARCH_MODULE_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
-    **dict.fromkeys(
-        ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite"],
-        _LLAMA_LIKE,
-    ),
-    **dict.fromkeys(["smollm3", "cohere", "stablelm"], _LLAMA_LIKE),
-    **dict.fromkeys(["gpt2", "gpt_bigcode"], _GPT2_LIKE),
-    **dict.fromkeys(["opt", "biogpt", "xglm"], _OPT_LIKE),
-    "phi3": {"qkv_proj": ("q", "k", "v"), "o_proj": ("o",), "gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
-    "gpt_neox": {
-        "query_key_value": ("q", "k", "v"),
-        "attention.dense": ("o",),
-        "dense_h_to_4h": ("up",),
-        "dense_4h_to_h": ("down",),
-    },
-}
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
 @dataclass(frozen=True, order=True)
@@ -126,7 +90,7 @@ class Window:
 
     def layers(self, num_layers: int) -> tuple[int, ...]:
         """The layer indices ``i`` with ``start * L <= i < end * L`` (as :func:`peft_cofi.windows.resolve_layers`)."""
-        return tuple(range(math.ceil(self.start * num_layers - 1e-9), math.ceil(self.end * num_layers - 1e-9)))
+        return tuple(window_layers(self.start, self.end, num_layers))
 
     def children(self) -> tuple[Window, ...]:
         """The narrower windows one level down: the three half-depth windows of the full depth, else the halves.
@@ -251,10 +215,10 @@ class SearchSpace:
         """
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None) or type(model).__name__
-        counts = [getattr(config, k) for k in _LAYER_COUNT_KEYS if isinstance(getattr(config, k, None), int)]
+        counts = [getattr(config, k) for k in LAYER_COUNT_KEYS if isinstance(getattr(config, k, None), int)]
         if not counts:
             raise ValueError(
-                f"cannot tell the depth of {type(model).__name__}: its config has none of {_LAYER_COUNT_KEYS}."
+                f"cannot tell the depth of {type(model).__name__}: its config has none of {LAYER_COUNT_KEYS}."
             )
         num_layers = counts[0]
         names = [name for name, module in model.named_modules() if isinstance(module, SUPPORTED_LAYERS)]

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,9 +103,35 @@ class Trial:
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> Trial:
-        """Inverse of :meth:`to_json`; marks the trial as cached."""
-        known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        """Inverse of :meth:`to_json`; marks the trial as cached.
+
+        Raises:
+            ValueError: a field is missing or has the wrong type (a damaged or hand-edited cache line).
+        """
+        known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__ and k != "cached"}
+        for name, check in _FIELD_CHECKS.items():
+            if name in known and not check(known[name]):
+                raise ValueError(f"field {name!r} has the wrong type ({known[name]!r})")
+        missing = [n for n in ("key", "group", "window", "modules", "layers", "status") if n not in known]
+        if missing:
+            raise ValueError(f"fields {missing} are missing")
         return cls(**known, cached=True)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_FIELD_CHECKS = {
+    **dict.fromkeys(("key", "group", "window", "status"), lambda v: isinstance(v, str)),
+    "modules": lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v),
+    "layers": lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+    **dict.fromkeys(("speciality", "versatility", "train_loss"), lambda v: v is None or _number(v)),
+    **dict.fromkeys(("steps", "seed"), lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    **dict.fromkeys(("lr", "seconds"), _number),
+    "metrics": lambda v: isinstance(v, dict) and all(isinstance(k, str) and _number(x) for k, x in v.items()),
+    "error": lambda v: v is None or isinstance(v, str),
+}
 
 
 class TrialCache:
@@ -125,25 +152,35 @@ class TrialCache:
         self.path = Path(path)
 
     def load(self) -> dict[str, Trial]:
-        """Key -> trial for every complete record (unreadable lines are skipped)."""
+        """Key -> trial for every complete, valid record; other lines are skipped (with a warning, unless it is the
+        partial last line an interrupted search leaves)."""
         if not self.path.is_file():
             return {}
         out: dict[str, Trial] = {}
-        with self.path.open(encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and record.get("format") == CACHE_FORMAT and "key" in record:
-                    out[record["key"]] = Trial.from_json(record)
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or record.get("format") != CACHE_FORMAT:
+                    raise ValueError(f"it is not a trial record of format {CACHE_FORMAT}")
+                trial = Trial.from_json(record)
+            except ValueError as error:  # json.JSONDecodeError is a ValueError
+                if number < len(lines):  # the unterminated last line of an interrupted search is expected
+                    warnings.warn(f"{self.path}:{number}: skipped a bad search-cache line: {error}", stacklevel=2)
+                continue
+            out[trial.key] = trial
         return out
 
     def append(self, trial: Trial) -> None:
-        """Write one trial and flush it to disk."""
+        """Write one trial on a line of its own (after a partial last line, on a new one) and flush it to disk."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(trial.to_json(), sort_keys=True) + "\n")
+        with self.path.open("a+b") as handle:  # appends go to the end whatever the read position
+            size = handle.seek(0, os.SEEK_END)
+            if size and handle.seek(size - 1) >= 0 and handle.read(1) != b"\n":
+                handle.write(b"\n")  # the record an interrupted write left unfinished stays on its own line
+            handle.write((json.dumps(trial.to_json(), sort_keys=True) + "\n").encode())
             handle.flush()
             os.fsync(handle.fileno())
 

@@ -30,32 +30,56 @@ from torch import nn
 from .layer import SUPPORTED_LAYERS
 from .windows import resolve_layers
 
+# Roles a module can hold: attention projections q k v o, FFN projections up gate down.
+ROLES = ("q", "k", "v", "o", "up", "gate", "down")
+_LLAMA_LIKE = {
+    "q_proj": ("q",),
+    "k_proj": ("k",),
+    "v_proj": ("v",),
+    "o_proj": ("o",),
+    "up_proj": ("up",),
+    "gate_proj": ("gate",),
+    "down_proj": ("down",),
+}
+_GPT2_LIKE = {"attn.c_attn": ("q", "k", "v"), "attn.c_proj": ("o",), "mlp.c_fc": ("up",), "mlp.c_proj": ("down",)}
+_SEPARATE_QKV = {"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",)}
+_OPT_LIKE = {**_SEPARATE_QKV, "out_proj": ("o",), "fc1": ("up",), "fc2": ("down",)}
+_FUSED_QKV_DENSE = {
+    "query_key_value": ("q", "k", "v"),
+    "self_attention.dense": ("o",),
+    "dense_h_to_4h": ("up",),
+    "dense_4h_to_h": ("down",),
+}
+# The one table of module names: per ``config.model_type``, module name (matched as a dotted suffix) -> its roles.
+# Default targets (the FFN's up and down projections, the paper's pick), the attention projections whose rows are
+# heads, and the search's module groups all come from it, so every architecture that trains by default can be
+# searched. Mixture-of-experts FFNs (Mixtral, DeepSeek) keep their experts in fused parameters, not modules.
+ARCH_MODULE_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
+    **dict.fromkeys(
+        ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite"],
+        _LLAMA_LIKE,
+    ),
+    **dict.fromkeys(["smollm3", "cohere", "stablelm"], _LLAMA_LIKE),
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], _GPT2_LIKE),
+    "starcoder2": {**_SEPARATE_QKV, "o_proj": ("o",), "mlp.c_fc": ("up",), "mlp.c_proj": ("down",)},
+    **dict.fromkeys(["opt", "biogpt", "xglm"], _OPT_LIKE),
+    "phi": {**_SEPARATE_QKV, "self_attn.dense": ("o",), "fc1": ("up",), "fc2": ("down",)},
+    "phi3": {"qkv_proj": ("q", "k", "v"), "o_proj": ("o",), "gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+    "gptj": {**_SEPARATE_QKV, "out_proj": ("o",), "fc_in": ("up",), "fc_out": ("down",)},
+    "codegen": {"qkv_proj": ("q", "k", "v"), "out_proj": ("o",), "fc_in": ("up",), "fc_out": ("down",)},
+    "gpt_neox": {**_FUSED_QKV_DENSE, "attention.dense": ("o",)},
+    **dict.fromkeys(["falcon", "bloom"], _FUSED_QKV_DENSE),
+}
 # The FFN input and output projections: the paper's coarse-level pick, per architecture.
 DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(
-        ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2"],
-        ("up_proj", "down_proj"),
-    ),
-    **dict.fromkeys(["granite", "smollm3", "cohere", "stablelm", "deepseek_v2", "internlm2"], ("up_proj", "down_proj")),
-    "phi3": ("gate_up_proj", "down_proj"),
-    **dict.fromkeys(["gpt2", "gpt_bigcode", "starcoder2"], ("mlp.c_fc", "mlp.c_proj")),
-    **dict.fromkeys(["opt", "phi", "biogpt", "xglm"], ("fc1", "fc2")),
-    **dict.fromkeys(["gpt_neox", "falcon", "bloom"], ("dense_h_to_4h", "dense_4h_to_h")),
-    **dict.fromkeys(["gptj", "codegen"], ("fc_in", "fc_out")),
+    model_type: tuple(name for name, roles in table.items() if {"up", "down"} & set(roles))
+    for model_type, table in ARCH_MODULE_ROLES.items()
 }
 # Projections whose output rows are attention heads (head_dim consecutive rows each, also for fused q/k/v).
-DEFAULT_ATTENTION_MODULES = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "qkv_proj",
-    "attn.c_attn",
-    "query_key_value",
-    "query",
-    "key",
-    "value",
-]
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+DEFAULT_ATTENTION_MODULES = sorted(
+    {name for table in ARCH_MODULE_ROLES.values() for name, roles in table.items() if set(roles) <= {"q", "k", "v"}}
+)
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # where a config states its depth
 _HEAD_COUNT_KEYS = ("num_attention_heads", "n_head", "num_heads")
 _HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model")
 
@@ -107,7 +131,7 @@ def matched_modules(model: nn.Module, config: Any) -> dict[str, nn.Module]:
 
 def num_layers(model_config: dict, model: nn.Module, config: Any) -> int:
     """The model's depth, from its config or else from its numbered layer list."""
-    for key in _LAYER_COUNT_KEYS:
+    for key in LAYER_COUNT_KEYS:
         if isinstance(model_config.get(key), int):
             return model_config[key]
     pattern = config.layers_pattern or r"[^.]+"
@@ -121,7 +145,7 @@ def num_layers(model_config: dict, model: nn.Module, config: Any) -> int:
     if not indices:
         raise ValueError(
             "cannot tell the model's depth to resolve a layer window: its config has none of "
-            f"{_LAYER_COUNT_KEYS} and no numbered layer list was found; pass layers_to_transform as indices."
+            f"{LAYER_COUNT_KEYS} and no numbered layer list was found; pass layers_to_transform as indices."
         )
     return max(indices) + 1
 

@@ -51,6 +51,17 @@ def parse_window(spec: str) -> tuple[float, float]:
     )
 
 
+def window_layers(start: float, end: float, num_layers: int) -> list[int]:
+    """The layers ``i`` of an ``L``-layer model with ``start * L <= i < end * L`` (the one home of this formula).
+
+    Example:
+        >>> window_layers(0.25, 0.5, 32)
+        [8, 9, 10, 11, 12, 13, 14, 15]
+    """
+    # Tolerance so that e.g. 0.25 * 12 = 3.0000000000000004 still starts at layer 3.
+    return list(range(math.ceil(start * num_layers - 1e-9), math.ceil(end * num_layers - 1e-9)))
+
+
 def resolve_layers(spec: str | int | list[int], num_layers: int) -> list[int]:
     """Resolve a window spec, one index or a list of indices to a sorted list of layer indices.
 
@@ -64,9 +75,7 @@ def resolve_layers(spec: str | int | list[int], num_layers: int) -> list[int]:
     if num_layers <= 0:
         raise ValueError(f"cannot resolve layers of a model with {num_layers} layers.")
     if isinstance(spec, str):
-        a, b = parse_window(spec)
-        # Tolerance so that e.g. 0.25 * 12 = 3.0000000000000004 still starts at layer 3.
-        layers = list(range(math.ceil(a * num_layers - 1e-9), math.ceil(b * num_layers - 1e-9)))
+        layers = window_layers(*parse_window(spec), num_layers)
         if not layers:
             raise ValueError(f"window {spec!r} holds no layer of a {num_layers}-layer model; widen it.")
         return layers

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
+from .._version import __version__
 
 # Subcommand modules, each with ``register(subparsers)`` that adds its commands and their handlers.
 _COMMAND_MODULES: tuple[str, ...] = ("checkpoint_commands", "importance_commands", "search_commands")
@@ -29,10 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code. Errors in the user's input print one line and exit 2."""
+    """Run the CLI; returns the process exit code. Errors in the user's input or files print one line and exit 2."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"peft-cofi {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as error:
+        message = " ".join(str(error).split())  # one line, whatever the error's own line breaks
+        print(f"peft-cofi {args.command}: error: {message}", file=sys.stderr)
         return 2

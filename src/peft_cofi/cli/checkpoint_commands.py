@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..diff_format import FINGERPRINT, in_model_order, read_diff_file
+from ..diff_format import CONFIG_NAME, FINGERPRINT, CheckpointError, in_model_order, read_diff_file
 from ..export import ADAPTER_FILE, export_lora, merge_into_base
 
 
@@ -32,7 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("adapter", help="CoFi adapter folder")
     merge.add_argument("out", help="output folder for the merged model")
     merge.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default: 2GB)")
-    merge.set_defaults(handler=lambda a: merge_into_base(a.base, a.adapter, a.out, a.max_shard_size))
+    merge.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    merge.add_argument(
+        "--no-verify-base", action="store_true", help="apply the diff even if BASE is not the model it was trained on"
+    )
+    merge.set_defaults(handler=run_merge)
 
     export = subparsers.add_parser(
         "export-lora",
@@ -44,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("out", help="output folder for the LoRA adapter")
     export.add_argument("--rank", type=int, help="LoRA rank per module (cap when --energy is given)")
     export.add_argument("--energy", type=float, help="keep this fraction of each diff's squared norm, e.g. 0.9")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     export.set_defaults(handler=run_export)
 
 
@@ -52,9 +57,38 @@ def _weights_path(path: str) -> Path:
     return candidate / ADAPTER_FILE if candidate.is_dir() else candidate
 
 
+def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool) -> Path:
+    """Refuse an output that is, or contains, one of the inputs (writing it would destroy them), an existing file,
+    and a non-empty folder unless ``overwrite``. Returns the output folder."""
+    out = Path(out).resolve()
+    for source in (Path(p).resolve() for p in inputs):
+        if out == source or source.is_relative_to(out):
+            raise ValueError(f"the output {str(out)!r} is or contains the input {str(source)!r}; choose another place.")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output {str(out)!r} is an existing file; give a folder.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"the output folder {str(out)!r} is not empty; pass --overwrite to write into it.")
+    return out
+
+
+def _check_cofi_folder(weights: Path) -> None:
+    """Say what a folder is when it is not a CoFi adapter (a LoRA adapter, say), instead of blaming its file."""
+    config = weights.parent / CONFIG_NAME
+    if not weights.exists():
+        raise FileNotFoundError(f"{str(weights)!r} does not exist.")
+    if config.is_file():
+        peft_type = json.loads(config.read_text()).get("peft_type")
+        if peft_type != "COFI":
+            raise ValueError(
+                f"{str(weights.parent)!r} holds a {peft_type} adapter, not a CoFi adapter; this command reads CoFi "
+                "diff checkpoints only."
+            )
+
+
 def summarize(path: str) -> dict:
     """The ``inspect`` report as a dict (see ``peft-cofi inspect --help``)."""
     weights = _weights_path(path)
+    _check_cofi_folder(weights)
     diff_file = read_diff_file(weights)
     modules = {}
     for name in in_model_order(diff_file.records):
@@ -109,8 +143,26 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_merge(args: argparse.Namespace) -> int:
+    out = check_output(args.out, [args.base, args.adapter], args.overwrite)
+    _check_cofi_folder(_weights_path(args.adapter))
+    try:
+        merge_into_base(args.base, args.adapter, out, args.max_shard_size, verify_base=not args.no_verify_base)
+    except CheckpointError as error:
+        if "other base weights" not in str(error):
+            raise
+        advice = f"{str(error).split('. Load the matching')[0]}. Pass --no-verify-base to merge anyway."
+        raise CheckpointError(advice) from error
+    print(f"wrote the merged model to {out}")
+    return 0
+
+
 def run_export(args: argparse.Namespace) -> int:
-    report = export_lora(args.adapter, args.out, rank=args.rank, energy=args.energy)
+    if args.rank is None and args.energy is None:
+        raise ValueError("give --rank (e.g. 16) or --energy (e.g. 0.9) for the LoRA export.")
+    out = check_output(args.out, [args.adapter], args.overwrite)
+    _check_cofi_folder(_weights_path(args.adapter))
+    report = export_lora(args.adapter, out, rank=args.rank, energy=args.energy)
     for name in sorted(report.ranks):
         print(f"{name:<48} rank {report.ranks[name]:>5}  rel. error {report.rel_errors[name]:.3e}")
     print(f"wrote a peft LoRA adapter to {args.out}; max relative error {report.max_rel_error:.3e}")
