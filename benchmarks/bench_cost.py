@@ -35,6 +35,7 @@ from torch import nn
 from benchmarks.tasks import RESULTS_DIR, tiny_task
 from peft_cofi import CoFiConfig, UnitImportance, attach_retention_anchor
 from peft_cofi.anchor_data import context_length
+from peft_cofi.example_model import load_smollm2
 from peft_cofi.selection import matched_modules, resolve_selection
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +78,6 @@ def _status_kib(field: str) -> int:
 def load_base(quick: bool) -> nn.Module:
     if quick:
         return tiny_task(0, n_train=1, n_eval=1).base  # the tiny random Llama the other quick modes use
-    from benchmarks.resources import load_smollm2
-
     return load_smollm2()[0]
 
 

@@ -41,19 +41,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from peft import get_peft_model
+
+from peft_cofi import CoFiConfig
+from peft_cofi.example_model import load_smollm2
+from peft_cofi.plots import plot_importance_distributions, plot_importance_heatmap
+from peft_cofi.scoring import compute_importance
+from peft_cofi.targets import resolve_targets
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import transformers  # noqa: E402
-from peft import get_peft_model  # noqa: E402
-
-from peft_cofi import CoFiConfig  # noqa: E402
-from peft_cofi.plots import plot_importance_distributions, plot_importance_heatmap  # noqa: E402
-from peft_cofi.scoring import compute_importance  # noqa: E402
-from peft_cofi.targets import resolve_targets  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results"
 WINDOW = "bottom2"
 PARTS = ("time", "memory", "heatmap")
@@ -92,8 +89,6 @@ def load_model(quick: bool) -> tuple[torch.nn.Module, Any, str]:
         from benchmarks.tasks import tiny_llama
 
         return tiny_llama(), None, "tiny random Llama (8 layers, hidden 64)"
-    from benchmarks.resources import load_smollm2
-
     model, tokenizer = load_smollm2()
     return model, tokenizer, "SmolLM2-135M-Instruct"
 

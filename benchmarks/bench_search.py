@@ -32,20 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+
+from benchmarks.search_landscapes import grid_markdown, landscape_grid
+from peft_cofi.evaluation import loss_evaluator, retention_evaluator
+from peft_cofi.example_model import load_smollm2
+from peft_cofi.search import search_modules
+from peft_cofi.search_report import plot_search, search_markdown
+from peft_cofi.search_space import FULL_DEPTH, Candidate, SearchSpace, Window
+from peft_cofi.search_trials import Trial
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import transformers  # noqa: E402
-
-from benchmarks.search_landscapes import grid_markdown, landscape_grid  # noqa: E402
-from peft_cofi.evaluation import loss_evaluator, retention_evaluator  # noqa: E402
-from peft_cofi.search import search_modules  # noqa: E402
-from peft_cofi.search_report import plot_search, search_markdown  # noqa: E402
-from peft_cofi.search_space import FULL_DEPTH, Candidate, SearchSpace, Window  # noqa: E402
-from peft_cofi.search_trials import Trial  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results"
 PAPER_PICK = ("ffn_up_down", Window(0.25, 0.5))
 
@@ -161,7 +158,6 @@ def run_full(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.resources import (
         collate,
         freedict_pairs,
-        load_smollm2,
         short_translation_examples,
         split_pairs,
         text_examples,

@@ -24,7 +24,8 @@ from peft import LoraConfig, OSFConfig, get_peft_model
 from peft.helpers import KappaTuneSelector
 from torch import nn
 
-from peft_cofi import CoFiConfig, UnitImportance
+from benchmarks.fronts_subspace import VARIANTS, bake, input_second_moments, protect, protected_basis
+from peft_cofi import CoFiConfig, CoFiLayer, UnitImportance
 
 FFN = ["gate_proj", "up_proj", "down_proj"]
 LORA_RANK = 16
@@ -39,6 +40,9 @@ class Context:
     searched_modules: list[str]
     searched_layers: list[int]
     kappa_targets: list[str] = field(default_factory=list)  # filled on first use (an SVD of every linear module)
+    # (general batches, task batches) for the input-subspace experiment, and the second moments computed from them
+    subspace_data: tuple[list, list] | None = None
+    moments: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Method:
     build: Callable[[nn.Module, Context], nn.Module]
     family: str  # plot colour group: "baseline", "lora", "cofi"
     anchor: Anchor | None = None  # train with a retention anchor on the benchmark's anchor prompts
+    finalize: Callable[[nn.Module], nn.Module] | None = None  # after training, before evaluating and saving
 
 
 def full_fine_tuning(model: nn.Module, ctx: Context) -> nn.Module:
@@ -101,6 +106,28 @@ def cofi(mask_mode: str | None = None, sharpness: float = 1.0, searched: bool = 
     return build
 
 
+def cofi_subspace(variant: str, fraction: float) -> Callable[[nn.Module, Context], nn.Module]:
+    """CoFi (update mask, t=1) whose update is kept out of a ``fraction`` of each module's input directions: those
+    general text uses most (``plain``) or uses more than the task does (``contrastive``); see fronts_subspace."""
+
+    def build(model: nn.Module, ctx: Context) -> nn.Module:
+        model = cofi("update", 1.0)(model, ctx)  # D = 0: the wrapped model still computes the base model
+        names = [n for n, m in model.named_modules() if isinstance(m, CoFiLayer)]
+        if not ctx.moments:
+            general, task = ctx.subspace_data
+            ctx.moments = {"general": input_second_moments(model, general, names)}
+            ctx.moments["task"] = input_second_moments(model, task, names)
+        bases = {
+            name.removeprefix("base_model.model."): protected_basis(
+                ctx.moments["general"][name], ctx.moments["task"][name] if variant == "contrastive" else None, fraction
+            )
+            for name in names
+        }
+        return protect(model, bases)
+
+    return build
+
+
 FULL_LRS = (3e-6, 1e-5, 3e-5, 1e-4)
 LORA_LRS = (1e-4, 3e-4, 1e-3)
 COFI_LRS = (3e-5, 1e-4, 3e-4)
@@ -136,4 +163,18 @@ ANCHOR_WEIGHT = 1.0
 ANCHORED_METHODS: list[Method] = [
     anchored(method, ANCHOR_WEIGHT) for method in METHODS if method.name in ("full", "lora-ffn", "cofi-update-1")
 ]
-ALL_METHODS = METHODS + ANCHORED_METHODS
+# Run only when named: the input-subspace experiment (issue 15), CoFi's update projected away from general inputs.
+SUBSPACE_FRACTIONS = (0.1, 0.3, 0.6)
+SUBSPACE_METHODS: list[Method] = [
+    Method(
+        f"cofi-subspace-{variant}-{fraction:g}",
+        f"CoFi + update mask + {variant} input subspace ({fraction:.0%} of input directions)",
+        COFI_LRS,
+        cofi_subspace(variant, fraction),
+        "cofi",
+        finalize=bake,
+    )
+    for variant in VARIANTS
+    for fraction in SUBSPACE_FRACTIONS
+]
+ALL_METHODS = METHODS + ANCHORED_METHODS + SUBSPACE_METHODS

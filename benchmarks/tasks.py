@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 from benchmarks.resources import (
     collate,
     freedict_pairs,
-    load_smollm2,
     split_pairs,
     text_examples,
     translation_examples,
     translation_messages,
     wordnet_sentences,
 )
+from peft_cofi.example_model import load_smollm2
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 Example = dict[str, list[int]]
@@ -51,6 +51,7 @@ class Task:
 
 def real_task(seed: int = 0, n_train: int = 256, n_eval: int = 64) -> Task:
     """SmolLM2-135M-Instruct, FreeDict English->French pairs (split by headword) and WordNet glosses."""
+    print("loading SmolLM2-135M-Instruct, FreeDict English->French pairs and WordNet glosses", flush=True)
     model, tokenizer = load_smollm2()
     train_pairs, eval_pairs = split_pairs(freedict_pairs(), eval_fraction=0.2, seed=seed)
     rng = random.Random(seed)
@@ -64,7 +65,7 @@ def real_task(seed: int = 0, n_train: int = 256, n_eval: int = 64) -> Task:
     @torch.no_grad()
     def show(m: nn.Module) -> list[str]:
         lines = []
-        for en, fr in eval_pairs[:3]:
+        for en, fr in tqdm(eval_pairs[:3], desc="sample translations", file=sys.stdout):
             text = tokenizer.apply_chat_template(translation_messages(en), tokenize=False, add_generation_prompt=True)
             enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
             out = m.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -126,11 +127,18 @@ def tiny_task(seed: int = 0, n_train: int = 96, n_eval: int = 24) -> Task:
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8, max_len: int = 64) -> float:
-    """Token-weighted mean cross-entropy over the labelled tokens."""
+def mean_loss(
+    model: nn.Module,
+    examples: list[Example],
+    pad_id: int,
+    batch_size: int = 8,
+    max_len: int = 64,
+    desc: str | None = None,
+) -> float:
+    """Token-weighted mean cross-entropy over the labelled tokens; ``desc`` shows a progress bar with that label."""
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
+    for i in tqdm(range(0, len(examples), batch_size), desc=desc, file=sys.stdout, disable=desc is None):
         batch = collate(examples[i : i + batch_size], pad_id, max_len)
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += model(**batch).loss.item() * n

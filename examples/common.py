@@ -16,18 +16,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 from benchmarks.anchor_prompts import INSTRUCTIONS, chat_prompts, check_disjoint, prompt_batches, read_prompts
-from benchmarks.resources import collate, smollm2_cache_dir
+from benchmarks.resources import collate
 from benchmarks.tasks import Example, Task, real_task, tiny_task
 from peft import PeftModel, get_peft_model
 from torch import nn
+from tqdm.auto import tqdm
 
 from peft_cofi import CoFiConfig, UnitImportance, attach_retention_anchor, compute_importance
 from peft_cofi.anchor import KINDS, RetentionAnchor
 from peft_cofi.evaluation import mean_loss
+from peft_cofi.example_model import ensure_smollm2_cache
+
+# Output folders the examples made themselves: removed when the program exits (TemporaryDirectory's finalizer).
+_TEMPORARY_OUTPUTS: list[tempfile.TemporaryDirectory] = []
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -39,7 +42,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     out.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-4; 3e-3 with --tiny)")
     out.add_argument("--batch-size", type=int, default=8)
     out.add_argument("--max-len", type=int, default=64, help="truncate examples to this many tokens")
-    out.add_argument("--out", type=Path, default=None, help="output dir (default: a new temp dir)")
+    out.add_argument(
+        "--out", type=Path, default=None, help="output dir (default: a temporary dir, removed when the run ends)"
+    )
     anchor = out.add_argument_group("retention anchor (peft_cofi.attach_retention_anchor)")
     anchor.add_argument(
         "--anchor",
@@ -61,14 +66,22 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def prepare(args: argparse.Namespace, prefix: str) -> Task:
-    """Fill in the defaults that depend on ``--tiny`` (``lr``, ``out``), seed torch, and load the task."""
+    """Fill in the defaults that depend on ``--tiny`` (``lr``, ``out``), seed torch, and load the task.
+
+    Without ``--out`` the outputs go to a new temporary folder that is removed when the program exits, so repeated
+    runs (and the tests) leave nothing behind; the printed output line says so.
+    """
     args.lr = args.lr or (3e-3 if args.tiny else 2e-4)
-    args.out = args.out or Path(tempfile.mkdtemp(prefix=f"peft-cofi-{prefix}-"))
     if args.steps < 1 or args.batch_size < 1:
         raise SystemExit(f"--steps ({args.steps}) and --batch-size ({args.batch_size}) must be at least 1.")
+    where = f"output: {args.out}"
+    if args.out is None:
+        _TEMPORARY_OUTPUTS.append(tempfile.TemporaryDirectory(prefix=f"peft-cofi-{prefix}-"))
+        args.out = Path(_TEMPORARY_OUTPUTS[-1].name)
+        where = f"output: {args.out} (temporary, removed at exit; --out DIR keeps it)"
     torch.manual_seed(args.seed)
     task = tiny_task(args.seed, n_train=96, n_eval=24) if args.tiny else real_task(args.seed, n_train=256, n_eval=64)
-    print(f"data: {len(task.train)} train / {len(task.held_out)} held-out examples; output: {args.out}")
+    print(f"data: {len(task.train)} train / {len(task.held_out)} held-out examples; {where}")
     return task
 
 
@@ -140,7 +153,7 @@ def data_collator(task: Task, args: argparse.Namespace) -> Callable[[list[Exampl
 def cofi_importance(task: Task, args: argparse.Namespace) -> UnitImportance:
     """KL-dropout importance of the bottom2 FFN projections' units on 32 general examples (the fine level)."""
     known = batches(general_examples(task, 32, args.seed), task, args)
-    return compute_importance(task.base, known, config=CoFiConfig(layers_to_transform="bottom2"), progress=False)
+    return compute_importance(task.base, known, config=CoFiConfig(layers_to_transform="bottom2"))
 
 
 def cofi_model(task: Task, args: argparse.Namespace) -> nn.Module:
@@ -157,7 +170,7 @@ def tokenizer_for(task: Task, tiny: bool) -> Any:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if not tiny:
-        return AutoTokenizer.from_pretrained(smollm2_cache_dir())
+        return AutoTokenizer.from_pretrained(ensure_smollm2_cache())
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     specials = ["<pad>", "<s>", "</s>"]
@@ -168,8 +181,8 @@ def tokenizer_for(task: Task, tiny: bool) -> Any:
 
 
 def held_out_loss(model: nn.Module, task: Task, args: argparse.Namespace) -> float:
-    """Token-weighted held-out task loss."""
-    return mean_loss(model, batches(task.held_out, task, args))
+    """Token-weighted held-out task loss, with a progress bar."""
+    return mean_loss(model, tqdm(batches(task.held_out, task, args), desc="held-out loss", file=sys.stdout))
 
 
 def check_reload(model: nn.Module, adapter_dir: Path, task: Task, args: argparse.Namespace) -> bool:
@@ -177,6 +190,7 @@ def check_reload(model: nn.Module, adapter_dir: Path, task: Task, args: argparse
     files = sorted(p.name for p in adapter_dir.iterdir())
     size = (adapter_dir / "adapter_model.safetensors").stat().st_size
     print(f"adapter: {adapter_dir} ({size:,} bytes; files: {', '.join(files)})")
+    print("reloading the adapter onto a fresh base model", flush=True)
     device = next(model.parameters()).device
     reloaded = PeftModel.from_pretrained(task.fresh_base(), adapter_dir).to(device).eval()
     model.eval()

@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    python examples/monitor_forgetting.py --tiny            # random tiny Llama, synthetic data: seconds
-    python examples/monitor_forgetting.py                   # SmolLM2-135M-Instruct, FreeDict + WordNet (README)
+    python -m examples.monitor_forgetting --tiny            # random tiny Llama, synthetic data: seconds
+    python -m examples.monitor_forgetting                   # SmolLM2-135M-Instruct, FreeDict + WordNet (README)
 
 Every ``--every`` steps (and at step 0) the monitor measures, on fixed batches: the loss on general English text
 (WordNet glosses) and its increase over the base model (ΔCE, from ``disable_adapter()``), the KL from the base
@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.tasks import RESULTS_DIR
+from transformers import Trainer, TrainingArguments
+
 from examples.common import (
     attach_anchor,
     batches,
@@ -33,8 +32,6 @@ from examples.common import (
     prepare,
     report_anchor,
 )
-from transformers import Trainer, TrainingArguments
-
 from peft_cofi import ForgettingMonitor
 
 

@@ -5,9 +5,9 @@ CoFiTune's coarse level trains only the FFN ``up_proj``/``down_proj`` of the lay
 modules matters to the base model on general text and scales that unit's updates by ``1 - importance``.
 Run from the repository root::
 
-    python examples/quickstart.py            # real model and data (see README for the apt/pip packages)
-    python examples/quickstart.py --tiny     # random tiny Llama and synthetic data: a few seconds, no extras
-    python examples/quickstart.py --anchor   # + a retention anchor on general prompts (the plain loop unchanged)
+    python -m examples.quickstart            # real model and data (see README for the apt/pip packages)
+    python -m examples.quickstart --tiny     # random tiny Llama and synthetic data: a few seconds, no extras
+    python -m examples.quickstart --anchor   # + a retention anchor on general prompts (the plain loop unchanged)
 
 Exits non-zero when the reloaded adapter does not reproduce the trained model's logits exactly.
 """
@@ -15,39 +15,32 @@ Exits non-zero when the reloaded adapter does not reproduce the trained model's 
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from benchmarks.resources import collate
-from benchmarks.tasks import mean_loss, real_task, tiny_task, train
-from examples.common import attach_anchor, cofi_importance, parser, report_anchor
+from benchmarks.tasks import mean_loss, train
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from examples.common import attach_anchor, cofi_importance, parser, prepare, report_anchor
 from peft_cofi import CoFiConfig  # importing peft_cofi registers the 'cofi' method
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser(__doc__).parse_args(argv)
     start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    out = args.out = args.out or Path(tempfile.mkdtemp(prefix="peft-cofi-quickstart-"))
-    lr = args.lr or (3e-3 if args.tiny else 2e-4)
-
-    task = tiny_task(args.seed, n_train=96, n_eval=24) if args.tiny else real_task(args.seed, n_train=256, n_eval=64)
+    task = prepare(args, "quickstart")
+    out = args.out
     full_bytes = sum(p.numel() * p.element_size() for p in task.base.parameters())
-    print(f"data: {len(task.train)} train / {len(task.held_out)} held-out examples")
 
-    def losses(m: nn.Module) -> tuple[float, float | None]:
-        held = mean_loss(m, task.held_out, task.pad_id, args.batch_size, args.max_len)
-        general = mean_loss(m, task.general, task.pad_id, args.batch_size, args.max_len) if task.general else None
-        return held, general
+    def losses(m: nn.Module, which: str) -> tuple[float, float | None]:
+        held = mean_loss(m, task.held_out, task.pad_id, args.batch_size, args.max_len, f"held-out loss ({which})")
+        if not task.general:
+            return held, None
+        return held, mean_loss(m, task.general, task.pad_id, args.batch_size, args.max_len, f"general loss ({which})")
 
-    held_before, general_before = losses(task.base)
+    held_before, general_before = losses(task.base, "base model")
     shown_before = task.show(task.base) if task.show else []
 
     # Coarse level of CoFiTune: FFN up_proj/down_proj of the layers in the (25%, 50%] depth window.
@@ -63,10 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     model.print_trainable_parameters()
     trainable, _ = model.get_nb_trainable_parameters()
     anchor = attach_anchor(model, task, args)  # the loop calls model(**batch) with labels: nothing else changes
-    train(model, task, args.steps, args.batch_size, lr, args.max_len, args.seed)
+    train(model, task, args.steps, args.batch_size, args.lr, args.max_len, args.seed)
     report_anchor(anchor)
-    held_after, general_after = losses(model)
+    held_after, general_after = losses(model, "tuned")
+    shown_after = task.show(model) if task.show else []
 
+    print("saving the adapter and reloading it onto a fresh base model", flush=True)
     model.save_pretrained(out)
     adapter_bytes = (out / "adapter_model.safetensors").stat().st_size
     reloaded = PeftModel.from_pretrained(task.fresh_base(), out).eval()
@@ -82,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             f"general-text loss (WordNet glosses): {general_before:.4f} -> {general_after:.4f} "
             f"(forgetting {general_after - general_before:+.4f})"
         )
-    for before, after in zip(shown_before, task.show(model) if task.show else [], strict=True):
+    if shown_before:
+        print("greedy answers to 3 held-out words (a lower loss need not make these right yet; see the README):")
+    for before, after in zip(shown_before, shown_after, strict=True):
         print(f"  before: {before}\n  after:  {after}")
     print(f"trainable parameters: {trainable:,}")
     print(

@@ -2,10 +2,10 @@
 
 Run from the repository root::
 
-    python examples/train_with_accelerate.py --tiny         # random tiny Llama, synthetic data: seconds
-    python examples/train_with_accelerate.py                # SmolLM2-135M-Instruct, FreeDict (see the README)
-    accelerate launch examples/train_with_accelerate.py     # the same loop on several processes / GPUs
-    python examples/train_with_accelerate.py --tiny --anchor 2   # + a retention anchor on general prompts
+    python -m examples.train_with_accelerate --tiny         # random tiny Llama, synthetic data: seconds
+    python -m examples.train_with_accelerate                # SmolLM2-135M-Instruct, FreeDict (see the README)
+    accelerate launch -m examples.train_with_accelerate     # the same loop on several processes / GPUs
+    python -m examples.train_with_accelerate --tiny --anchor 2   # + a retention anchor on general prompts
 
 The loop is accelerate's usual one: ``accelerator.prepare`` the model, optimizer and data loader, then
 ``accelerator.backward(loss)``. A :class:`peft_cofi.ForgettingMonitor` (its plain-loop API: ``monitor.step`` after
@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
 from examples.common import (
     attach_anchor,
     batches,
@@ -39,8 +38,6 @@ from examples.common import (
     prepare,
     report_anchor,
 )
-from torch.utils.data import DataLoader
-
 from peft_cofi import ForgettingMonitor
 
 

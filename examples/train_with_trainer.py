@@ -2,10 +2,10 @@
 
 Run from the repository root::
 
-    python examples/train_with_trainer.py --tiny            # random tiny Llama, synthetic data: seconds
-    python examples/train_with_trainer.py                   # SmolLM2-135M-Instruct, FreeDict (see the README)
-    python examples/train_with_trainer.py --tiny --out OUT --resume-from OUT/trainer/checkpoint-20
-    python examples/train_with_trainer.py --tiny --anchor 2   # + a retention anchor (logged, checkpointed)
+    python -m examples.train_with_trainer --tiny            # random tiny Llama, synthetic data: seconds
+    python -m examples.train_with_trainer                   # SmolLM2-135M-Instruct, FreeDict (see the README)
+    python -m examples.train_with_trainer --tiny --out OUT --resume-from OUT/trainer/checkpoint-20
+    python -m examples.train_with_trainer --tiny --anchor 2   # + a retention anchor (logged, checkpointed)
 
 Every checkpoint (``OUT/trainer/checkpoint-N``) holds ``adapter_model.safetensors`` and ``adapter_config.json`` (the
 diff of the trained modules, not a full model) plus the optimizer, scheduler and RNG state, so ``--resume-from``
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from transformers import Trainer, TrainingArguments
 
 from examples.common import (
     attach_anchor,
@@ -31,7 +31,6 @@ from examples.common import (
     prepare,
     report_anchor,
 )
-from transformers import Trainer, TrainingArguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     model = cofi_model(task, args)
     before = held_out_loss(model, task, args)
 
+    # transformers 5.x renamed gradient_checkpointing to activation_checkpointing; the old name warns even when False.
+    fields = TrainingArguments.__dataclass_fields__
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     training_args = TrainingArguments(
         output_dir=str(args.out / "trainer"),
         max_steps=args.steps,
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         logging_steps=max(args.steps // 10, 1),
         report_to="none",
         seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing,
+        **{checkpointing: args.gradient_checkpointing},
     )
     trainer = Trainer(
         model=model, args=training_args, train_dataset=task.train, data_collator=data_collator(task, args)

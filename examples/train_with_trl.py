@@ -2,9 +2,9 @@
 
 Run from the repository root::
 
-    python examples/train_with_trl.py --tiny                # random tiny Llama, synthetic data: seconds
-    python examples/train_with_trl.py                       # SmolLM2-135M-Instruct, FreeDict (see the README)
-    python examples/train_with_trl.py --tiny --anchor 2     # + a retention anchor on general prompts
+    python -m examples.train_with_trl --tiny                # random tiny Llama, synthetic data: seconds
+    python -m examples.train_with_trl                       # SmolLM2-135M-Instruct, FreeDict (see the README)
+    python -m examples.train_with_trl --tiny --anchor 2     # + a retention anchor on general prompts
 
 ``SFTTrainer`` wraps the base model itself (``get_peft_model`` with the CoFi config; ``import peft_cofi`` registers
 the method). The data are already tokenised chat examples with the prompt masked out of ``labels``, which
@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
 from examples.common import (
     attach_anchor,
     check_reload,
@@ -34,8 +33,6 @@ from examples.common import (
     report_anchor,
     tokenizer_for,
 )
-from trl import SFTConfig, SFTTrainer
-
 from peft_cofi import CoFiConfig
 
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmarks import bench_fronts
+from benchmarks.anchor_prompts import INSTRUCTIONS, check_disjoint, read_prompts
+from benchmarks.fronts_methods import ALL_METHODS, ANCHORED_METHODS, METHODS
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -21,14 +24,6 @@ from peft_cofi.anchor import LOG_KEY, masked_mean_kl
 from test_anchor import GENERAL, anchored_trainer
 from test_distributed import TOLERANCE
 from training_helpers import load_example
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import bench_fronts  # noqa: E402
-from benchmarks.anchor_prompts import INSTRUCTIONS, check_disjoint, read_prompts  # noqa: E402
-from benchmarks.fronts_methods import ALL_METHODS, ANCHORED_METHODS, METHODS  # noqa: E402
 
 WORKER = Path(__file__).with_name("anchor_worker.py")
 

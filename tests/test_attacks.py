@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -111,9 +112,9 @@ def test_extra_tensors_are_refused_and_named(tmp_path, tokens, key, with_header)
 
 # 2. a save is atomic across its files, whatever instant the writer dies
 
+# tiny_models comes from tests/, which the parent passes on PYTHONPATH.
 CRASH_WRITER = """
 import sys, torch
-sys.path.insert(0, sys.argv[2])
 import peft_cofi
 from peft import get_peft_model
 from peft_cofi import CoFiConfig
@@ -139,12 +140,12 @@ def test_a_killed_save_leaves_the_old_or_the_new_checkpoint_whole(tmp_path, toke
         expected.append(logits(model, tokens))
         if not expected[1:]:
             model.save_pretrained(folder)
-    tests_dir = os.path.dirname(__file__)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     rng = random.Random(0)
     kills = 16
     for _ in range(kills):
         writer = subprocess.Popen(
-            [sys.executable, "-c", CRASH_WRITER, str(folder), tests_dir], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", CRASH_WRITER, str(folder)], stdout=subprocess.PIPE, text=True, env=env
         )
         assert writer.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.0, 0.4))
@@ -224,7 +225,7 @@ def test_malformed_files_are_refused_in_one_line_and_rolled_back(tmp_path, token
 
 def test_modules_to_save_missing_from_the_file_is_refused(tmp_path, tokens):
     saved(tmp_path, modules_to_save=["lm_head"])
-    tensors, metadata = read(tmp_path)
+    tensors, _ = read(tmp_path)
     kept = {k: v for k, v in tensors.items() if "lm_head" not in k}
     save_file(kept, str(tmp_path / WEIGHTS), metadata={"format": "pt"})
     assert_refused_untouched(tmp_path, "lm_head", tokens)
@@ -250,7 +251,7 @@ def test_non_finite_and_overflowing_diffs_are_refused_at_save(tmp_path):
         layer.cofi_delta["default"][3, 4] = float("nan")
     for storage in ("dense", "rows"):
         model.peft_config["default"].storage = storage
-        with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj: the trained delta holds NaN"):
+        with pytest.raises(ValueError, match=re.escape("model.layers.1.mlp.up_proj: the trained delta holds NaN")):
             model.save_pretrained(tmp_path)
     with torch.no_grad():
         layer.cofi_delta["default"][3, 4] = 1e5
@@ -337,7 +338,8 @@ def test_cli_overwrite_and_merge_reports_what_it_wrote(folders, tmp_path, capsys
     (out / "old.txt").write_text("old")
     assert main(["merge", str(base), str(adapter), str(out), "--overwrite"]) == 0
     assert f"wrote the merged model to {out}" in capsys.readouterr().out
-    assert main(["merge", str(tiny_dir := tmp_path / "other"), str(adapter), str(tmp_path / "m2")]) == 2
+    tiny_dir = tmp_path / "other"
+    assert main(["merge", str(tiny_dir), str(adapter), str(tmp_path / "m2")]) == 2
     tiny_llama(seed=1).save_pretrained(tiny_dir)
     assert main(["merge", str(tiny_dir), str(adapter), str(tmp_path / "m3")]) == 2
     assert "--no-verify-base" in capsys.readouterr().err

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import bench_cost, bench_fronts  # noqa: E402
-from benchmarks.fronts_methods import METHODS  # noqa: E402
-from benchmarks.fronts_report import interpolate, matched_comparison, pareto  # noqa: E402
+from benchmarks import bench_cost, bench_fronts
+from benchmarks.fronts_methods import METHODS
+from benchmarks.fronts_report import interpolate, matched_comparison, pareto
 
 
 def test_pareto_keeps_exactly_the_undominated_points():
@@ -93,3 +86,32 @@ def test_quick_cost_benchmark_measures_every_variant(tmp_path):
     # the anchored variants ran the anchor: on all 2 + 3 steps (every=1), on steps 0, 4, 8 of 2 + 2 x 4 (every=4)
     assert variants["cofi-anchor-1"]["anchored_steps"] == 5 and variants["cofi-anchor-4"]["anchored_steps"] == 3
     assert variants["cofi-anchor-1"]["trainable"] == variants["cofi-update"]["trainable"]
+
+
+@pytest.mark.slow
+def test_quick_calibration_adds_wise_and_calibrated_points_for_cofi_and_full(tmp_path):
+    from benchmarks import fronts_calibration
+
+    kept = tmp_path / "kept"
+    methods = ["full", "cofi-update-1"]
+    bench_fronts.main(
+        ["--quick", "--out-dir", str(tmp_path), "--seeds", "1", "--keep-models", str(kept), "--methods", *methods]
+    )
+    runs = {(r["method"], r["lr"]) for r in bench_fronts.read_runs(tmp_path / "fronts_quick_runs.jsonl")}
+    sources = [f"{m}:{max(lr for method, lr in runs if method == m):g}" for m in methods]
+    argv = ["--quick", "--out-dir", str(tmp_path), "--keep-models", str(kept), "--sources", *sources]
+    fronts_calibration.main(argv)
+    records = bench_fronts.read_runs(tmp_path / "fronts_quick_runs.jsonl")
+    for source in sources:
+        method, lr = source.split(":")
+        wise = {r["lr"]: r for r in records if r["method"] == f"{method}@{lr}+wise"}
+        calib = {r["lr"]: r for r in records if r["method"] == f"{method}@{lr}+calib"}
+        assert sorted(wise) == [0.25, 0.5, 0.75, 1.0] and sorted(calib) == list(fronts_calibration.BUDGETS)
+        # a smaller factor moves less: less gain, and the factor-1 copy scores like the source run
+        assert wise[0.25]["speciality_gain"] < wise[1.0]["speciality_gain"]
+        if method == "cofi-update-1":
+            source_run = next(r for r in records if r["method"] == method and f"{r['lr']:g}" == lr)
+            assert wise[1.0]["held_out_ce"] == pytest.approx(source_run["held_out_ce"], abs=1e-5)
+    calibrated = [f"{s.split(':')[0]}@{s.split(':')[1]}+{k}" for s in sources for k in ("wise", "calib")]
+    bench_fronts.main(["--quick", "--out-dir", str(tmp_path), "--report-only", "--methods", *methods, *calibrated])
+    assert "+calib" in (tmp_path / "fronts_quick.md").read_text()

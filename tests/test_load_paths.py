@@ -183,3 +183,16 @@ def test_autoload_can_be_switched_off(adapters, tmp_path):
         [sys.executable, "-c", code], env={**os.environ, "PEFT_COFI_AUTOLOAD": "0"}, capture_output=True
     )
     assert result.returncode != 0 and b"KeyError: 'COFI'" in result.stderr
+
+
+def test_autoload_registers_when_transformers_imports_peft_halfway():
+    """``from transformers import Trainer`` imports peft from inside ``transformers.trainer_utils``; registering there
+    must not need the trainer modules that are still half-imported (the Trainer callbacks load lazily)."""
+    code = (
+        "import sys\nfrom transformers import Trainer\nfrom peft import PeftType\n"
+        "assert 'peft_cofi' in sys.modules and PeftType.COFI.value == 'COFI'\n"
+        "from peft_cofi import ForgettingMonitor, attach_retention_anchor\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "could not register" not in result.stderr

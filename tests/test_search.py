@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from benchmarks.search_landscapes import landscape_comparison
 from peft import get_peft_model
 
 from peft_cofi import CoFiConfig, CoFiLayer
@@ -18,12 +17,6 @@ from peft_cofi.search_space import MODULE_GROUPS, SearchSpace, Window
 from peft_cofi.search_trials import Budget, Trial, TrialCache, fingerprint_model
 from peft_cofi.windows import NAMED_WINDOWS
 from tiny_models import FACTORIES, VOCAB, tiny_llama
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.search_landscapes import landscape_comparison  # noqa: E402
 
 
 def batches(n: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -110,10 +109,6 @@ def trainer_for(model: torch.nn.Module, args: TrainingArguments, callbacks: list
 
 
 def load_example(name: str) -> ModuleType:
-    """Import ``examples/<name>.py`` as a module (its ``main(argv)`` runs in-process)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Import ``examples.<name>`` (the repository root is on pytest's ``pythonpath``); its ``main(argv)`` runs
+    in-process."""
+    return importlib.import_module(f"examples.{name}")

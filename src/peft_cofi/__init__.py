@@ -9,19 +9,36 @@ Example:
     'COFI'
 """
 
+import importlib
+from typing import Any
+
 from . import patches
 from ._version import __version__
-from .anchor import attach_retention_anchor
 from .checkpoint import save_diff
 from .config import CoFiConfig
 from .diff_format import CheckpointError, read_diff_file
+from .diff_scaling import scale_diff
 from .export import export_lora, merge_into_base
 from .hub import push_to_hub
 from .importance import UnitImportance
 from .layer import CoFiLayer
 from .model import CoFiModel
-from .monitor import ForgettingMonitor
 from .scoring import compute_importance
+
+# The Trainer callbacks load on first use: they import transformers' trainer modules, and the autoload registers
+# CoFi while transformers may still be importing those (``from transformers import Trainer`` imports peft halfway).
+_LAZY = {"attach_retention_anchor": "anchor", "ForgettingMonitor": "monitor"}
+# calibrate pulls in matplotlib (its report plot): loaded on first use, so importing peft stays light.
+_LAZY["calibrate"] = "calibration"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointError",
@@ -32,12 +49,14 @@ __all__ = [
     "UnitImportance",
     "__version__",
     "attach_retention_anchor",
+    "calibrate",
     "compute_importance",
     "export_lora",
     "merge_into_base",
     "push_to_hub",
     "read_diff_file",
     "save_diff",
+    "scale_diff",
 ]
 
 patches.install()

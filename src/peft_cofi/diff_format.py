@@ -274,7 +274,8 @@ def _table_checksum(metadata: dict[str, str]) -> str:
 
 def build_header(modules: dict[str, dict], others: dict[str, str], **fields: str | None) -> dict[str, str]:
     """The safetensors header metadata: string fields, the per-module records and the other tensors' checksums."""
-    header = {"cofi_format": FORMAT_NAME, "cofi_format_version": FORMAT_VERSION, "peft_cofi_version": __version__}
+    header = {"format": "pt", "cofi_format": FORMAT_NAME, "cofi_format_version": FORMAT_VERSION}
+    header["peft_cofi_version"] = __version__
     header.update({key: str(value) for key, value in fields.items() if value is not None})
     header[MODULES_KEY] = json.dumps(modules, sort_keys=True)
     header[OTHERS_KEY] = json.dumps(others, sort_keys=True)

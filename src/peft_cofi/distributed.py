@@ -105,7 +105,7 @@ def gather_adapter_state(
     Returns ``(selected, state_dict)`` with every sharded or partitioned entry replaced; unchanged entries are the
     same objects. Runs the gathers in sorted key order, so that all ranks issue the same collectives.
     """
-    from .layer import CoFiLayer
+    from .layer import CoFiLayer  # here: layer.py imports this module
 
     parameters: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():

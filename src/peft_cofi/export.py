@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .diff_format import PEFT_PREFIX, in_model_order, read_diff_file
+from .quiet import quiet_deepspeed_probe
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -114,7 +115,8 @@ def merge_into_base(
     model = AutoModelForCausalLM.from_pretrained(str(base))
     adapted = PeftModel.from_pretrained(model, str(adapter_dir), verify_base=verify_base)
     merged = adapted.merge_and_unload(progressbar=True)
-    merged.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
+    with quiet_deepspeed_probe():  # transformers' save imports DeepSpeed, if installed, to unwrap engines
+        merged.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
     # A base folder without a tokenizer still gives a complete merged model.
     with contextlib.suppress(OSError, ValueError):
         AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out_dir))

@@ -63,6 +63,7 @@ def _section(header: dict[str, str], directory: str | os.PathLike) -> str:
         + f", values `{header.get('value_dtype', 'float32')}`"
         + (f", max relative reconstruction error {max(errors):.2e}" if errors else ""),
         f"- Size: {size:,} bytes" if size is not None else "- Size: unknown",
+        *_scaling_lines(header),
         "",
         "```python",
         "import peft_cofi  # registers the CoFi method with peft",
@@ -75,6 +76,20 @@ def _section(header: dict[str, str], directory: str | os.PathLike) -> str:
         _END,
     ]
     return "\n".join(lines)
+
+
+def _scaling_lines(header: dict[str, str]) -> list[str]:
+    """One card line for a diff rescaled after training (``peft_cofi.scale_diff`` / ``calibrate``), if it was."""
+    if "cofi_scaling" not in header:
+        return []
+    record = json.loads(header["cofi_scaling"])
+    what = record.get("method", "scale")
+    detail = f", granularity {record['granularity']}" if record.get("granularity") else ""
+    detail += f", density {record['density']}" if record.get("density") is not None else ""
+    return [
+        f"- Rescaled after training ({what}{detail}) from the diff with checksum "
+        f"`{header.get('cofi_source_checksum', 'unknown')}`; the header's `cofi_scaling` record has the factors."
+    ]
 
 
 def push_to_hub(

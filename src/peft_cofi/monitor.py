@@ -43,6 +43,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .anchor import anchor_of, log_through
 from .evaluation import Batch, mean_loss, versatility_metrics
+from .plots import plot_training_history
 
 LOG_PREFIX = "monitor/"
 # versatility_metrics key -> history key
@@ -143,8 +144,6 @@ class ForgettingMonitor(TrainerCallback):
 
     def save(self, output_dir: str | os.PathLike[str]) -> dict[str, Path]:
         """Write ``<name>.json`` (settings and history) and ``<name>.png`` (the plot) into ``output_dir``."""
-        from .plots import plot_training_history
-
         output_dir = Path(output_dir)
         if output_dir.exists() and not output_dir.is_dir():
             raise NotADirectoryError(f"output_dir {str(output_dir)!r} is a file; pass a directory for the outputs.")

@@ -138,7 +138,9 @@ class TrialCache:
     """Trials stored one JSON object per line, appended and flushed as each trial ends.
 
     An interrupted search leaves at most a partial last line, which :meth:`load` ignores; a later search with the
-    same keys reads the finished trials instead of running them. The last record of a key wins.
+    same keys reads the finished trials instead of running them. The last record of a key wins. Other record kinds
+    (calibration evaluations) reuse it by overriding ``record_format``, ``record_type`` (a class with ``key``,
+    ``to_json()`` and a ``from_json(record)`` classmethod) and ``what`` (the cache's name in warnings).
 
     Example:
         >>> import tempfile
@@ -148,10 +150,14 @@ class TrialCache:
         True
     """
 
+    record_format: str = CACHE_FORMAT
+    record_type: Any = Trial
+    what: str = "search-cache"
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
-    def load(self) -> dict[str, Trial]:
+    def load(self) -> dict[str, Any]:
         """Key -> trial for every complete, valid record; other lines are skipped (with a warning, unless it is the
         partial last line an interrupted search leaves)."""
         if not self.path.is_file():
@@ -163,17 +169,17 @@ class TrialCache:
                 continue
             try:
                 record = json.loads(line)
-                if not isinstance(record, dict) or record.get("format") != CACHE_FORMAT:
-                    raise ValueError(f"it is not a trial record of format {CACHE_FORMAT}")
-                trial = Trial.from_json(record)
+                if not isinstance(record, dict) or record.get("format") != self.record_format:
+                    raise ValueError(f"it is not a record of format {self.record_format}")
+                trial = self.record_type.from_json(record)
             except ValueError as error:  # json.JSONDecodeError is a ValueError
                 if number < len(lines):  # the unterminated last line of an interrupted search is expected
-                    warnings.warn(f"{self.path}:{number}: skipped a bad search-cache line: {error}", stacklevel=2)
+                    warnings.warn(f"{self.path}:{number}: skipped a bad {self.what} line: {error}", stacklevel=2)
                 continue
             out[trial.key] = trial
         return out
 
-    def append(self, trial: Trial) -> None:
+    def append(self, trial: Any) -> None:
         """Write one trial on a line of its own (after a partial last line, on a new one) and flush it to disk."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a+b") as handle:  # appends go to the end whatever the read position

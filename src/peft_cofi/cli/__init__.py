@@ -7,19 +7,24 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
 from .._version import __version__
 
 # Subcommand modules, each with ``register(subparsers)`` that adds its commands and their handlers.
-_COMMAND_MODULES: tuple[str, ...] = ("checkpoint_commands", "importance_commands", "search_commands")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "checkpoint_commands",
+    "importance_commands",
+    "search_commands",
+    "example_commands",
+    "calibrate_commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
-    import importlib
-
     parser = argparse.ArgumentParser(prog="peft-cofi", description="CoFiTune adapters for Hugging Face peft.")
     parser.add_argument("--version", action="version", version=f"peft-cofi {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -15,7 +15,15 @@ import argparse
 import re
 from pathlib import Path
 
-from ..scoring import DEFAULT_DROPOUT, METHODS
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..config import CoFiConfig
+from ..data import load_jsonl_dataloader
+from ..importance import UnitImportance
+from ..plots import plot_importance_distributions, plot_importance_heatmap
+from ..scoring import DEFAULT_DROPOUT, METHODS, compute_importance, context_length
+from ..windows import parse_window
 
 DEFAULT_MAX_LENGTH = 512
 
@@ -100,7 +108,6 @@ def parse_layers(spec: str) -> str | list[int]:
         >>> parse_layers("3, 4,5"), parse_layers("bottom2")
         ([3, 4, 5], 'bottom2')
     """
-    from ..windows import parse_window
 
     if re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", spec):
         return [int(part) for part in spec.split(",")]
@@ -119,12 +126,6 @@ def run_importance(args: argparse.Namespace) -> int:
         >>> main(["importance", "model_dir", "general.jsonl", "--out", "imp.safetensors"])  # doctest: +SKIP
         0
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..config import CoFiConfig
-    from ..data import load_jsonl_dataloader
-    from ..scoring import compute_importance, context_length
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
@@ -168,8 +169,6 @@ def run_importance_plot(args: argparse.Namespace) -> int:
         >>> main(["importance-plot", "imp.safetensors", "--out", "imp.png"])  # doctest: +SKIP
         0
     """
-    from ..importance import UnitImportance
-    from ..plots import plot_importance_distributions, plot_importance_heatmap
 
     importance = UnitImportance.load(args.file)
     written = [plot_importance_heatmap(importance, args.out, sharpness=args.sharpness)]

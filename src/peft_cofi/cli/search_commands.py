@@ -16,7 +16,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..search import STRATEGIES
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..data import collate, pad_token_id, read_jsonl, tokenize_records
+from ..evaluation import exact_match_evaluator, loss_evaluator, retention_evaluator
+from ..search import STRATEGIES, search_modules
 from ..search_objective import DEFAULT_MIN_RETENTION, OBJECTIVES
 
 
@@ -80,11 +85,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_search(args: argparse.Namespace) -> int:
     """Handler of ``peft-cofi search``: load model, tokenizer and data, search, write the outputs, print a summary."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..evaluation import exact_match_evaluator, loss_evaluator, retention_evaluator
-    from ..search import search_modules
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
@@ -134,7 +134,6 @@ def run_search(args: argparse.Namespace) -> int:
 
 def _records(path: str, max_records: int | None) -> list[dict[str, Any]]:
     """JSONL records, or plain-text lines as ``{"text": line}`` for files not ending in ``.jsonl``/``.json``."""
-    from ..data import read_jsonl
 
     if Path(path).suffix in (".jsonl", ".json"):
         return read_jsonl(path, max_records)
@@ -145,7 +144,6 @@ def _records(path: str, max_records: int | None) -> list[dict[str, Any]]:
 
 
 def _batches(tokenizer: Any, records: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    from ..data import collate, pad_token_id, tokenize_records
 
     examples = tokenize_records(tokenizer, records, max_length=args.max_length)
     pad = pad_token_id(tokenizer)

@@ -1,0 +1,157 @@
+"""Post-hoc calibration in the fronts benchmark: rescale trained diffs and score them exactly like trained runs.
+
+Source runs are those kept by ``bench_fronts --keep-models DIR``: a CoFi adapter, or a full fine-tune, which
+``peft_cofi.full_diff.diff_from_models`` turns into a diff of all its linear layers (the same calibration then applies
+to both: a fair comparison). For each source:
+
+- ``+wise``: one global factor ``a`` in {0.25, 0.5, 0.75} (WiSE-FT); the record's ``lr`` holds ``a``. A front from
+  one training run — which, for a single factor, may just imitate a lower learning rate;
+- ``+calib``: ``peft_cofi.calibrate`` at layer granularity: the factors that maximise speciality on the validation
+  split (held-out headwords disjoint from the test) within a retention budget on the base model's own answers to the
+  anchor prompts (disjoint from every evaluation set); the record's ``lr`` holds the budget's allowed CE increase.
+
+Each calibrated adapter is evaluated on the test and versatility sets as ``bench_fronts`` evaluates a run, and
+appended to the regime's runs cache under the method name ``{method}@{lr}+wise`` / ``+calib`` (seed of the source)::
+
+    python -m benchmarks.fronts_calibration --keep-models DIR --sources cofi-update-1:0.0003 full:3e-05 [--regime heavy]
+    (then python -m benchmarks.bench_fronts --report-only --methods ... to put them in the report)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from benchmarks.anchor_prompts import chat_prompts, read_prompts
+from benchmarks.bench_fronts import parse_args as fronts_args
+from benchmarks.bench_fronts import read_runs
+from benchmarks.fronts_setup import _greedy_answer, evaluate, quick_setup, real_setup
+from benchmarks.resources import collate
+from peft_cofi import calibrate, scale_diff
+from peft_cofi.evaluation import loss_evaluator, retention_evaluator
+from peft_cofi.example_model import load_smollm2
+from peft_cofi.full_diff import diff_from_models
+
+FACTORS = (0.25, 0.5, 0.75)
+BUDGETS = (0.01, 0.02, 0.05)  # allowed CE increase (nats) on the base's answers to the anchor prompts
+MAX_EVALUATIONS = 40
+
+
+def source_adapter(folder: Path, base: torch.nn.Module, work: Path) -> tuple[Path, dict[str, float]]:
+    """The CoFi adapter of a kept run: the folder itself, or a full fine-tune's linear layers as a diff (with the
+    other changed parameters it had to leave out, and their relative change)."""
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if config.get("peft_type") == "COFI":
+        return folder, {}
+    if config:
+        raise SystemExit(
+            f"{folder} holds a {config.get('peft_type')} adapter; only CoFi and full fine-tunes calibrate."
+        )
+    tuned = AutoModelForCausalLM.from_pretrained(folder)
+    report = diff_from_models(base, tuned, work / "full-diff")
+    return report.path, report.left_out
+
+
+def answer_batches(setup: Any, tokenizer_prompts: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+    """The base model's greedy answers to the anchor prompts, as labelled batches (retention's kind of data)."""
+    answers = [_greedy_answer(setup.task.base, prompt, 48) for prompt in tokenizer_prompts]
+    return [collate(answers[i : i + 8], setup.task.pad_id) for i in range(0, len(answers), 8)]
+
+
+def record(setup: Any, model: torch.nn.Module, method: str, lr: float, seed: int, extra: dict) -> dict[str, Any]:
+    scores = evaluate(model, setup)
+    base = setup.base
+    return {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        **scores,
+        "speciality_gain": base["held_out_ce"] - scores["held_out_ce"],
+        **{
+            f"{name.removesuffix('_ce')}_ce_increase": scores[name] - base[name]
+            for name in scores
+            if name.endswith("_ce") and name != "held_out_ce"
+        },
+        "trainable_params": 0,
+        "checkpoint_bytes": 0,
+        "train_seconds": 0.0,
+        **extra,
+    }
+
+
+def calibrate_source(setup: Any, args: argparse.Namespace, method: str, lr: float, versatility: list) -> list[dict]:
+    folder = args.keep_models / f"{args.name}-{method}-{lr:g}-0"
+    if not folder.is_dir():
+        raise SystemExit(f"no kept run at {folder}: run bench_fronts with --keep-models {args.keep_models} first.")
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        base = setup.task.fresh_base()
+        adapter, left_out = source_adapter(folder, base, work)
+        extra = {"source": {"method": method, "lr": lr, "left_out": left_out}}
+        for factor in (*FACTORS, 1.0):
+            scale_diff(adapter, work / f"wise-{factor:g}", factor)
+            model = PeftModel.from_pretrained(setup.task.fresh_base(), work / f"wise-{factor:g}")
+            out.append(record(setup, model, f"{method}@{lr:g}+wise", factor, 0, extra))
+        validation = [
+            collate(setup.validation[i : i + 16], setup.task.pad_id) for i in range(0, len(setup.validation), 16)
+        ]
+        for budget in BUDGETS:
+            result = calibrate(
+                setup.task.fresh_base(),
+                adapter,
+                speciality=loss_evaluator(validation),
+                versatility=retention_evaluator(versatility, "ce"),
+                budget=math.exp(-budget),
+                granularity="layer",
+                max_evaluations=MAX_EVALUATIONS,
+                out_dir=work / f"calib-{budget:g}",
+                cache=args.out_dir / f"{args.name}_calibration_{method}_{lr:g}.jsonl",
+                progress=False,
+            )
+            model = PeftModel.from_pretrained(setup.task.fresh_base(), work / f"calib-{budget:g}" / "adapter")
+            scales = {k: round(v, 3) for k, v in list(result.chosen.scales.items())[:40]} if result.chosen else {}
+            info = {**extra, "calibration": {"budget_ce": budget, "met": result.met_budget, "factors": scales}}
+            out.append(record(setup, model, f"{method}@{lr:g}+calib", budget, 0, info))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sources", nargs="+", required=True, help="METHOD:LR of kept runs (seed 0)")
+    parser.add_argument("--keep-models", type=Path, required=True, help="bench_fronts --keep-models folder")
+    own, rest = parser.parse_known_args(argv)
+    args = fronts_args([*rest, "--keep-models", str(own.keep_models)])
+    setup = quick_setup(args) if args.quick else real_setup(args)
+    if args.quick:
+        prompts = [ids[mask.bool()].tolist() for b in setup.anchor for ids, mask in zip(*b.values(), strict=True)]
+    else:
+        prompts = chat_prompts(load_smollm2()[1], read_prompts(args.anchor_prompts))
+    versatility = answer_batches(setup, prompts)
+    cache = args.out_dir / f"{args.name}_runs.jsonl"
+    done = {(r["method"], r["lr"], r["seed"]) for r in read_runs(cache)}
+    for source in own.sources:
+        method, lr = source.rsplit(":", 1)
+        wanted = [(f"{method}@{float(lr):g}+wise", a, 0) for a in FACTORS]
+        if all(key in done for key in wanted + [(f"{method}@{float(lr):g}+calib", b, 0) for b in BUDGETS]):
+            continue
+        for row in calibrate_source(setup, args, method, float(lr), versatility):
+            gain, forgetting = row["speciality_gain"], row["retention_ce_increase"]
+            print(f"{row['method']} {row['lr']:g}: gain {gain:+.3f} retention {forgetting:+.4f}", flush=True)
+            with cache.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
