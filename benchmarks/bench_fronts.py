@@ -42,7 +42,7 @@ import torch
 from benchmarks.anchor_prompts import ANCHOR_PROMPTS
 from benchmarks.fronts_methods import ALL_METHODS, METHODS, Method
 from benchmarks.fronts_report import front_settings, write_report
-from benchmarks.fronts_setup import REGIMES, Setup, evaluate, quick_setup, real_setup
+from benchmarks.fronts_setup import REGIMES, Setup, against_base, evaluate, quick_setup, real_setup
 from benchmarks.resources import FREEDICT_ENG_FRA, WORDNET_DIR
 from benchmarks.tasks import RESULTS_DIR, train
 from peft_cofi import attach_retention_anchor
@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the regime's)")
     parser.add_argument("--report-only", action="store_true", help="write the report from the cached runs only")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", default=None, help="these learning rates instead of each method's grid"
+    )
     parser.add_argument("--lr-scale", type=float, default=None, help="multiply every grid (default 1; 10 quick)")
     parser.add_argument("--dictionary", default=FREEDICT_ENG_FRA, help="a FreeDict dictd file (the speciality)")
     parser.add_argument("--wordnet", default=WORDNET_DIR, help="WordNet data directory (general English)")
@@ -130,13 +133,7 @@ def run_one(method: Method, lr: float, seed: int, setup: Setup, args: argparse.N
         "method": method.name,
         "lr": lr,
         "seed": seed,
-        **scores,
-        "speciality_gain": base["held_out_ce"] - scores["held_out_ce"],
-        **{
-            f"{name.removesuffix('_ce')}_ce_increase": scores[name] - base[name]
-            for name in scores
-            if name.endswith("_ce") and name != "held_out_ce"
-        },
+        **against_base(scores, base),
         "trainable_params": trainable,
         "checkpoint_bytes": checkpoint_bytes,
         "train_seconds": round(train_seconds, 2),
@@ -180,7 +177,8 @@ def run_all(args: argparse.Namespace, setup: Setup, cache: Path) -> list[dict[st
     if args.report_only:
         return [r for r in records if r["method"] in args.methods]
     for method in methods:  # phase 1: every setting once (quick: the grid's ends)
-        for lr in (method.lrs[0], method.lrs[-1]) if args.quick else method.lrs:
+        grid = args.lrs or ((method.lrs[0], method.lrs[-1]) if args.quick else method.lrs)
+        for lr in grid:
             ensure(method, lr * args.lr_scale, 0)
     # Phase 2: more seeds where it matters, the settings on each method's own front; the reference and CoFi first.
     methods.sort(key=lambda m: (m.family == "lora", m.name == "osf"))

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM
 from benchmarks.anchor_prompts import chat_prompts, read_prompts
 from benchmarks.bench_fronts import parse_args as fronts_args
 from benchmarks.bench_fronts import read_runs
-from benchmarks.fronts_setup import _greedy_answer, evaluate, quick_setup, real_setup
+from benchmarks.fronts_setup import against_base, evaluate, greedy_answer, quick_setup, real_setup
 from benchmarks.resources import collate
 from peft_cofi import calibrate, scale_diff
 from peft_cofi.evaluation import loss_evaluator, retention_evaluator
@@ -64,24 +64,16 @@ def source_adapter(folder: Path, base: torch.nn.Module, work: Path) -> tuple[Pat
 
 def answer_batches(setup: Any, tokenizer_prompts: list[list[int]]) -> list[dict[str, torch.Tensor]]:
     """The base model's greedy answers to the anchor prompts, as labelled batches (retention's kind of data)."""
-    answers = [_greedy_answer(setup.task.base, prompt, 48) for prompt in tokenizer_prompts]
+    answers = [greedy_answer(setup.task.base, prompt, 48) for prompt in tokenizer_prompts]
     return [collate(answers[i : i + 8], setup.task.pad_id) for i in range(0, len(answers), 8)]
 
 
 def record(setup: Any, model: torch.nn.Module, method: str, lr: float, seed: int, extra: dict) -> dict[str, Any]:
-    scores = evaluate(model, setup)
-    base = setup.base
     return {
         "method": method,
         "lr": lr,
         "seed": seed,
-        **scores,
-        "speciality_gain": base["held_out_ce"] - scores["held_out_ce"],
-        **{
-            f"{name.removesuffix('_ce')}_ce_increase": scores[name] - base[name]
-            for name in scores
-            if name.endswith("_ce") and name != "held_out_ce"
-        },
+        **against_base(evaluate(model, setup), setup.base),
         "trainable_params": 0,
         "checkpoint_bytes": 0,
         "train_seconds": 0.0,

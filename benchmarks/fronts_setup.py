@@ -92,10 +92,10 @@ def real_setup(args: Any) -> Setup:
     validation = extra.sample([p for p in held_pairs if p not in held], 64)
     corpora_pairs = {name: make(random.Random(2), CORPUS_SIZE) for name, make in CORPORA.items()}
     instructions = [line.strip() for line in args.instructions.read_text().splitlines() if line.strip()]
-    retention = [_greedy_answer(model, _chat_ids(tokenizer, text), 48) for text in instructions]
+    retention = [greedy_answer(model, _chat_ids(tokenizer, text), 48) for text in instructions]
     defined = {q.split("'")[1] for q, _ in corpora_pairs["chat_definitions"]}
     questions = definition_questions(random.Random(3), 24, avoid=defined)
-    retention_definitions = [_greedy_answer(model, _chat_ids(tokenizer, q), 48) for q in questions]
+    retention_definitions = [greedy_answer(model, _chat_ids(tokenizer, q), 48) for q in questions]
     task = Task(
         base=model,
         fresh_base=lambda: load_smollm2()[0],
@@ -149,7 +149,7 @@ def quick_setup(args: Any) -> Setup:
     known = [
         {"input_ids": ids, "labels": ids} for ids in ([rng.randrange(10, 250) for _ in range(12)] for _ in range(16))
     ]
-    retention = [_greedy_answer(task.base, [1, *(rng.randrange(10, 250) for _ in range(6))], 6) for _ in range(8)]
+    retention = [greedy_answer(task.base, [1, *(rng.randrange(10, 250) for _ in range(6))], 6) for _ in range(8)]
     anchor_rng = random.Random(2)  # its own generator: the sets above (and cached runs) stay as they were
     prompts = [[1, *(anchor_rng.randrange(10, 250) for _ in range(6))] for _ in range(8)]
     prompts_of = [[t for t, label in zip(r["input_ids"], r["labels"], strict=True) if label == -100] for r in retention]
@@ -198,7 +198,7 @@ def _chat_ids(tokenizer: Any, text: str) -> list[int]:
 
 
 @torch.no_grad()
-def _greedy_answer(model: nn.Module, prompt_ids: list[int], max_new_tokens: int) -> Example:
+def greedy_answer(model: nn.Module, prompt_ids: list[int], max_new_tokens: int) -> Example:
     """The model's own greedy continuation of a prompt, as an example labelled on the continuation only."""
     prompt = torch.tensor([prompt_ids])
     out = model.generate(
@@ -227,3 +227,15 @@ def evaluate(model: nn.Module, setup: Setup) -> dict[str, float]:
     }
     scores.update({f"{name}_ce": mean_loss(model, batches(examples)) for name, examples in setup.corpora.items()})
     return scores
+
+
+def against_base(scores: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    """A run's scores with its speciality gain and every set's CE increase against the base model.
+
+    Example:
+        >>> against_base({"held_out_ce": 3.0, "retention_ce": 1.5}, {"held_out_ce": 5.0, "retention_ce": 1.0})
+        {'held_out_ce': 3.0, 'retention_ce': 1.5, 'speciality_gain': 2.0, 'retention_ce_increase': 0.5}
+    """
+    increases = {f"{k.removesuffix('_ce')}_ce_increase": v - base[k] for k, v in scores.items() if k.endswith("_ce")}
+    increases.pop("held_out_ce_increase", None)
+    return {**scores, "speciality_gain": base["held_out_ce"] - scores["held_out_ce"], **increases}

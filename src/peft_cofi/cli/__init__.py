@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .._version import __version__
 
@@ -20,7 +21,22 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "search_commands",
     "example_commands",
     "calibrate_commands",
+    "subspace_commands",
 )
+
+
+def local_model_dir(path: str) -> Path:
+    """A local transformers model folder, or a clear error (the commands read local models only).
+
+    Example:
+        >>> local_model_dir("/nonexistent")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: '/nonexistent' is not a local model directory (no config.json).
+    """
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path!r} is not a local model directory (no config.json).")
+    return Path(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

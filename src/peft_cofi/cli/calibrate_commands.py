@@ -24,6 +24,7 @@ from ..calibration_search import DEFAULT_DENSITIES, METHODS
 from ..diff_scaling import cofi_weights_path
 from ..evaluation import exact_match_evaluator, loss_evaluator, retention_evaluator
 from ..scales import GRANULARITIES
+from . import local_model_dir
 from .search_commands import _batches, _positive_float, _positive_int, _records
 
 DEFAULT_BUDGET = 0.98
@@ -122,10 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     """Handler of ``peft-cofi calibrate``: check the inputs, load model and data, calibrate, print a summary."""
-
-    model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{args.model!r} is not a local model directory (no config.json).")
+    model_dir = local_model_dir(args.model)
     cofi_weights_path(args.adapter)  # a LoRA or missing folder is refused before the model loads
     for path in filter(None, (args.eval, args.general, args.train)):
         if not Path(path).is_file():

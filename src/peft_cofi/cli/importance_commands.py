@@ -24,6 +24,7 @@ from ..importance import UnitImportance
 from ..plots import plot_importance_distributions, plot_importance_heatmap
 from ..scoring import DEFAULT_DROPOUT, METHODS, compute_importance, context_length
 from ..windows import parse_window
+from . import local_model_dir
 
 DEFAULT_MAX_LENGTH = 512
 
@@ -126,10 +127,7 @@ def run_importance(args: argparse.Namespace) -> int:
         >>> main(["importance", "model_dir", "general.jsonl", "--out", "imp.safetensors"])  # doctest: +SKIP
         0
     """
-
-    model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{args.model!r} is not a local model directory (no config.json).")
+    model_dir = local_model_dir(args.model)
     if not Path(args.data).is_file():
         raise FileNotFoundError(f"data file {args.data!r} does not exist.")
     out = Path(args.out)

@@ -23,6 +23,7 @@ from ..data import collate, pad_token_id, read_jsonl, tokenize_records
 from ..evaluation import exact_match_evaluator, loss_evaluator, retention_evaluator
 from ..search import STRATEGIES, search_modules
 from ..search_objective import DEFAULT_MIN_RETENTION, OBJECTIVES
+from . import local_model_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,10 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_search(args: argparse.Namespace) -> int:
     """Handler of ``peft-cofi search``: load model, tokenizer and data, search, write the outputs, print a summary."""
-
-    model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{args.model!r} is not a local model directory (no config.json).")
+    model_dir = local_model_dir(args.model)
     for path in (args.train, args.eval, args.general):
         if not Path(path).is_file():
             raise FileNotFoundError(f"data file {path!r} does not exist.")
