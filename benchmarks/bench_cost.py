@@ -1,6 +1,7 @@
 """Cost benchmark: training-step time and peak memory of CoFi (each mask mode) against plain fine-tuning of the same
-modules without a mask, full fine-tuning, and LoRA; and of CoFi with a KL retention anchor (``attach_retention_anchor``,
-on prompt batches of the training batch's shape, cut to the model's context) on every step or on one step in four.
+modules without a mask, full fine-tuning, and LoRA; of CoFi with a KL retention anchor (``attach_retention_anchor``,
+on prompt batches of the training batch's shape, cut to the model's context) on every step or on one step in four;
+and of CoFi with input-subspace protection (``CoFiConfig(input_subspace=...)``, half of each module's inputs).
 
 Each measurement runs in a fresh child process (so peak memory is that variant's alone): it loads the base model,
 resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), builds the variant, takes warm-up steps, times
@@ -39,8 +40,20 @@ from peft_cofi.example_model import load_smollm2
 from peft_cofi.selection import matched_modules, resolve_selection
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("cofi-update", "cofi-grad", "same-modules", "full", "lora", "cofi-anchor-1", "cofi-anchor-4")
+VARIANTS = (
+    "cofi-update",
+    "cofi-grad",
+    "same-modules",
+    "full",
+    "lora",
+    "cofi-anchor-1",
+    "cofi-anchor-4",
+    "cofi-subspace",
+)
 ANCHOR_EVERY = {"cofi-anchor-1": 1, "cofi-anchor-4": 4}  # CoFi (update mask) + a KL anchor on 1 step in k
+# cofi-subspace: CoFi (update mask) protecting this fraction of each module's input directions. The projection's
+# thin matmuls are min(k, in - k) wide, so half the inputs is the costliest k (the fronts ran 10-60 %).
+SUBSPACE_FRACTION = 0.5
 TARGETS = {  # (ratio name, numerator, denominator, target or None)
     "cofi-update / same-modules time": ("cofi-update", "same-modules", "seconds", 1.05),
     "cofi-grad / same-modules time": ("cofi-grad", "same-modules", "seconds", 1.05),
@@ -53,6 +66,8 @@ TARGETS = {  # (ratio name, numerator, denominator, target or None)
     "cofi-anchor-1 / cofi-update time": ("cofi-anchor-1", "cofi-update", "seconds", None),
     "cofi-anchor-4 / cofi-update time": ("cofi-anchor-4", "cofi-update", "seconds", None),
     "cofi-anchor-1 / cofi-update peak memory": ("cofi-anchor-1", "cofi-update", "peak_mb", None),
+    "cofi-subspace / cofi-update time": ("cofi-subspace", "cofi-update", "seconds", 1.15),
+    "cofi-subspace / cofi-update peak memory": ("cofi-subspace", "cofi-update", "peak_mb", None),
 }
 
 
@@ -88,10 +103,15 @@ def build(variant: str, model: nn.Module) -> nn.Module:
         modules = matched_modules(model, paper)
         scores = {name: torch.rand(m.weight.shape[0]) for name, m in modules.items()}  # cost does not depend on it
         importance = UnitImportance(scores, tokens=1)
-        return get_peft_model(
-            model,
-            CoFiConfig(layers_to_transform="bottom2", importance=importance, mask_mode=variant.removeprefix("cofi-")),
+        subspace = None
+        if variant == "cofi-subspace":  # random orthonormal bases: the cost depends on their width only
+            widths = {name: m.weight.shape[1] for name, m in modules.items()}
+            subspace = {n: torch.linalg.qr(torch.randn(w, round(SUBSPACE_FRACTION * w))).Q for n, w in widths.items()}
+        mask_mode = "update" if variant == "cofi-subspace" else variant.removeprefix("cofi-")
+        config = CoFiConfig(
+            layers_to_transform="bottom2", importance=importance, mask_mode=mask_mode, input_subspace=subspace
         )
+        return get_peft_model(model, config)
     for p in model.parameters():
         p.requires_grad_(variant == "full")
     if variant == "same-modules":

@@ -86,6 +86,10 @@ def test_quick_cost_benchmark_measures_every_variant(tmp_path):
     # the anchored variants ran the anchor: on all 2 + 3 steps (every=1), on steps 0, 4, 8 of 2 + 2 x 4 (every=4)
     assert variants["cofi-anchor-1"]["anchored_steps"] == 5 and variants["cofi-anchor-4"]["anchored_steps"] == 3
     assert variants["cofi-anchor-1"]["trainable"] == variants["cofi-update"]["trainable"]
+    # the protected variant trains the same D; its projection is no parameter
+    assert variants["cofi-subspace"]["trainable"] == variants["cofi-update"]["trainable"]
+    assert results["ratios"]["cofi-subspace / cofi-update time"]["target"] == 1.15
+    assert results["ratios"]["cofi-subspace / cofi-update time"]["value"] > 0
 
 
 @pytest.mark.slow

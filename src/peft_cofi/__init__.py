@@ -24,6 +24,8 @@ from .importance import UnitImportance
 from .layer import CoFiLayer
 from .model import CoFiModel
 from .scoring import compute_importance
+from .subspace import InputSubspace
+from .subspace_compute import compute_input_subspace
 
 # The Trainer callbacks load on first use: they import transformers' trainer modules, and the autoload registers
 # CoFi while transformers may still be importing those (``from transformers import Trainer`` imports peft halfway).
@@ -46,11 +48,13 @@ __all__ = [
     "CoFiLayer",
     "CoFiModel",
     "ForgettingMonitor",
+    "InputSubspace",
     "UnitImportance",
     "__version__",
     "attach_retention_anchor",
     "calibrate",
     "compute_importance",
+    "compute_input_subspace",
     "export_lora",
     "merge_into_base",
     "push_to_hub",

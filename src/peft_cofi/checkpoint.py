@@ -15,6 +15,7 @@ import contextvars
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from .diff_format import (
     FINGERPRINT_BYTES,
     MASK,
     PEFT_PREFIX,
+    SUBSPACE_KEY,
     WEIGHTS_NAME,
     CheckpointError,
     Header,
@@ -144,6 +146,8 @@ def encode_adapter_state(
         tensors.update({f"{prefix}{module}.{suffix}": tensor for suffix, tensor in written.items()})
         layout = "conv1d" if getattr(layers.get(module), "is_conv1d", False) else "linear"
         records[module] = {**encoded.info, "layout": layout, "checksum": checksum(written)}
+    source = config.input_subspace_source  # trained with an input subspace: say so (docs/FORMAT.md)
+    subspace_record = {SUBSPACE_KEY: json.dumps(source, sort_keys=True)} if source else {}
     header = build_header(
         records,
         others,
@@ -153,6 +157,7 @@ def encode_adapter_state(
         mask_mode=config.mask_mode,
         base_model=config.base_model_name_or_path,
         base_revision=config.revision,
+        **subspace_record,
     )
     return tensors, header
 
@@ -179,11 +184,20 @@ def decode_adapter_state(
     context = _LOADING.get() or LoadContext()
     metadata = next((h for h in reversed(context.headers) if is_cofi_header(h)), None)
     header = parse_header(metadata, "the checkpoint") if metadata is not None else None
+    layers = adapter_layers(model, adapter_name)
     targets = {
         name: Target((layer.out_features, layer.in_features), layer.get_base_layer().weight)
-        for name, layer in adapter_layers(model, adapter_name).items()
+        for name, layer in layers.items()
     }
     checked = check_state(targets, auxiliary_keys(model, adapter_name), state, header, context.verify_base)
+    protected = any(adapter_name in layer.cofi_subspace for layer in layers.values())
+    if header is not None and SUBSPACE_KEY in header.fields and not config.inference_mode and not protected:
+        warnings.warn(
+            f"adapter {adapter_name!r} was trained with input-subspace protection; it loads exactly, but further "
+            "training is unprotected. To keep training protected, load it into a model created with "
+            "CoFiConfig(input_subspace=...) or pass such a config to the loading call.",
+            stacklevel=2,
+        )
     if header is not None and header.mask_mode != config.mask_mode:
         # The diff applies in either mode (resuming training across modes is refused by the loading call).
         for key in [k for k in checked if split_key(k)[1] == DELTA]:

@@ -17,12 +17,15 @@ from peft.utils import CONFIG_NAME, PeftType
 from .diff_format import check_storage
 from .importance import UnitImportance
 from .mask import MASK_MODES, NORMALIZATIONS
+from .subspace import InputSubspace, describe
 from .windows import parse_window
 
 METHOD_NAME = "cofi"  # peft's method name; the PeftType member is its upper case
 PEFT_TYPE_NAME = METHOD_NAME.upper()
 # Value of ``importance`` in a saved adapter config: the mask factors travel in the adapter weights file.
 CHECKPOINT_IMPORTANCE = "checkpoint"
+# Value of ``input_subspace`` in a saved adapter config: the projection is already in the stored D.
+CHECKPOINT_SUBSPACE = "checkpoint"
 
 
 @dataclass
@@ -50,6 +53,13 @@ class CoFiConfig(PeftConfig):
         mask_sharpness: ``t`` in ``importance = tanh(|z| / t)``; 1.0 is the paper, smaller protects more units
             more strongly.
         mask_normalization: ``"abs"`` (the paper's ``|z|``) or ``"positive"`` (only above-average units protected).
+        input_subspace: protected input directions per module: a path to a subspace file, an
+            :class:`~peft_cofi.InputSubspace` (see :func:`~peft_cofi.compute_input_subspace`) or a dict of module
+            name -> basis ``U`` (``in_features x k``, orthonormal columns). The adapter trains
+            ``W = W0 + (s * D)(I - U U^T)``: its update is zero on ``span(U)``, so the module's output on inputs
+            there cannot change. It must cover every trained module (bases of other modules are ignored). A saved
+            adapter stores the projected ``D`` and records ``"checkpoint"`` (loading needs no subspace), with a
+            description in ``input_subspace_source``.
         head_pooling: pool importance per attention head for the projections in ``attention_modules``
             (grouped-query aware).
         attention_modules: module names whose output units are attention heads; unset: per-architecture default
@@ -121,6 +131,20 @@ class CoFiConfig(PeftConfig):
         default="abs",
         metadata={"help": "'abs' protects units far from the mean either way (the paper); 'positive' only above."},
     )
+    input_subspace: Any | None = field(
+        default=None,
+        metadata={
+            "help": "Input directions the update must not act on: a subspace file, an InputSubspace or a dict of "
+            "module -> basis U. Trains W = W0 + (s*D)(I - U U^T). None: no input-subspace protection."
+        },
+    )
+    input_subspace_source: dict | None = field(
+        default=None,
+        metadata={
+            "help": "What the adapter's input subspace was (source, kind, per-module rank and energy); filled in "
+            "when the adapter is created."
+        },
+    )
     head_pooling: bool = field(
         default=True, metadata={"help": "Give all rows of an attention head one importance (grouped-query aware)."}
     )
@@ -179,6 +203,7 @@ class CoFiConfig(PeftConfig):
             raise ValueError(f"mask_sharpness={sharpness!r} must be a finite number > 0 (1.0 is the paper's).")
         self._check_layers()
         self._check_importance()
+        self._check_subspace()
         self.check_storage()
         if self.target_parameters is not None:
             raise ValueError("CoFi trains whole modules; target_parameters is not supported, use target_modules.")
@@ -229,15 +254,44 @@ class CoFiConfig(PeftConfig):
                     f"scores, or a list of those; got {type(source).__name__}."
                 )
 
+    def _check_subspace(self) -> None:
+        source = self.input_subspace
+        if source is None or source == CHECKPOINT_SUBSPACE:
+            pass
+        elif isinstance(source, (str, os.PathLike)):
+            if not os.path.isfile(source):
+                raise FileNotFoundError(f"input subspace file {str(source)!r} does not exist.")
+        elif isinstance(source, Mapping) and not isinstance(source, InputSubspace):
+            self.input_subspace = InputSubspace(source)  # checked now, with the module named
+        elif not isinstance(source, InputSubspace):
+            raise TypeError(
+                "input_subspace must be a path to a subspace file, an InputSubspace, or a dict of module name -> "
+                f"basis; got {type(source).__name__}."
+            )
+        if self.input_subspace_source is not None and not isinstance(self.input_subspace_source, dict):
+            raise TypeError(
+                f"input_subspace_source must be a dict (a description) or None; got {self.input_subspace_source!r}."
+            )
+
     def to_dict(self) -> dict:
         """The JSON-able config: in-memory importance is replaced by ``"checkpoint"`` (the factors are saved with
-        the weights) and its origin kept in ``importance_source``."""
-        importance = self.importance
-        out = {k: v for k, v in self.__dict__.items() if k in self.__dataclass_fields__ and k != "importance"}
+        the weights) and its origin kept in ``importance_source``; likewise an input subspace (the saved ``D`` is
+        projected) with its description in ``input_subspace_source``."""
+        importance, subspace = self.importance, self.input_subspace
+        out = {
+            k: v
+            for k, v in self.__dict__.items()
+            if k in self.__dataclass_fields__ and k not in ("importance", "input_subspace")
+        }
         out = {k: (list(v) if isinstance(v, (set, tuple)) else v) for k, v in out.items()}
         if importance is not None and importance != CHECKPOINT_IMPORTANCE:
             out["importance_source"] = _describe_sources(importance)
         out["importance"] = None if importance is None else CHECKPOINT_IMPORTANCE
+        if subspace is not None and subspace != CHECKPOINT_SUBSPACE and self.input_subspace_source is None:
+            # Filled in when the adapter is created; before that, what is known without reading a file.
+            in_file = isinstance(subspace, (str, os.PathLike))
+            out["input_subspace_source"] = {"source": str(subspace)} if in_file else describe(subspace)
+        out["input_subspace"] = None if subspace is None else CHECKPOINT_SUBSPACE
         return out
 
 

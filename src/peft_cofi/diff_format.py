@@ -51,6 +51,7 @@ DELTA, ROWS, INDEX, MASK, FINGERPRINT = (
 SUFFIXES = (DELTA, ROWS, INDEX, MASK, FINGERPRINT)
 MODULES_KEY = "cofi_modules"  # header key of the per-module records (JSON)
 OTHERS_KEY = "cofi_other"  # header key of the non-CoFi tensors (modules_to_save, embeddings) -> checksum (JSON)
+SUBSPACE_KEY = "cofi_input_subspace"  # optional header key: the input subspace the adapter was trained with (JSON)
 _TABLE_CHECKSUM_KEY = "cofi_header_checksum"
 _INDEX_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
 FINGERPRINT_BYTES = 32

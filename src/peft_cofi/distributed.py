@@ -6,7 +6,8 @@ How the soft mask stays row-aligned:
   the forward pass FSDP2 all-gathers the full delta, so ``s * D`` (update mode) and the gradient-row scaling (grad
   mode) act on whole rows before the gradient is reduce-scattered. Outside the forward pass (``get_delta_weight``,
   ``merge``) the delta is a sharded DTensor; :func:`row_factors` lifts the mask to a replicated DTensor so that
-  DTensor's global semantics keep each row paired with its own factor.
+  DTensor's global semantics keep each row paired with its own factor. An input-subspace basis is lifted the same
+  way (:func:`replicated_like`): every rank holds it whole, as it holds the mask.
 - DeepSpeed ZeRO-3 replaces each module's ``_parameters`` with a dict that gathers a partitioned parameter when it
   is read inside a forward pass. ``CoFi`` reads ``base_layer.weight`` and ``cofi_delta[name]`` by attribute access,
   so both are gathered whole in the forward pass and the mask again multiplies whole rows (the authors' code tiled
@@ -51,12 +52,22 @@ def row_factors(scale: torch.Tensor, delta: torch.Tensor, where: str = "") -> to
         ValueError: the mask does not hold one factor per output row of the full (unsharded) parameter.
     """
     check_mask_rows(scale, delta, where)
-    column = scale.detach().to(device=delta.device, dtype=delta.dtype).unsqueeze(1)
-    if is_dtensor(delta):
-        from torch.distributed.tensor import DTensor, Replicate
+    return replicated_like(scale.detach().to(device=delta.device, dtype=delta.dtype).unsqueeze(1), delta)
 
-        column = DTensor.from_local(column, delta.device_mesh, [Replicate()] * delta.device_mesh.ndim)
-    return column
+
+def replicated_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (whole on this rank) as a replicated DTensor on ``like``'s mesh when ``like`` is a DTensor, so that
+    DTensor arithmetic with it keeps global semantics (FSDP2 outside the forward pass); else ``tensor`` itself.
+
+    Example:
+        >>> replicated_like(torch.ones(2), torch.zeros(3)).shape
+        torch.Size([2])
+    """
+    if not is_dtensor(like):
+        return tensor
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(tensor, like.device_mesh, [Replicate()] * like.device_mesh.ndim)
 
 
 def check_mask_rows(mask: torch.Tensor, delta: torch.Tensor, where: str = "") -> None:

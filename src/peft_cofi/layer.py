@@ -7,12 +7,19 @@ zeros until taken). The weight diff is :func:`peft_cofi.mask.masked_diff`: ``s *
 step on ``D`` is scale-free, so each row's change is scaled by ``s``) and ``D`` with gradient rows multiplied by ``s``
 in ``"grad"`` mode (the paper's). The base weight is never modified unless merged.
 
+An adapter trained with an input subspace ``U`` (``CoFiConfig(input_subspace=...)``) also has a
+:class:`~peft_cofi.subspace_math.Projection` in ``cofi_subspace`` and uses ``D (I - U U^T)`` in place of ``D``: the
+projection is part of the parametrisation, so it holds under any optimizer. It is no buffer, so it is neither
+saved (a file stores the projected ``D`` and loads without it) nor broadcast by DDP every step; every rank keeps it
+whole, and it follows the delta's device on first use.
+
 These names are exactly what a checkpoint stores (docs/FORMAT.md), so every loader that maps file keys onto a
 layer's parameters and buffers (peft's ``set_peft_model_state_dict``, transformers' adapter loader) sees one thing.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -24,7 +31,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import CoFiConfig
 from .diff_format import FINGERPRINT_BYTES, fingerprint
-from .distributed import is_dtensor, is_zero3_partitioned, row_factors, weight_shape
+from .distributed import is_dtensor, is_zero3_partitioned, replicated_like, row_factors, weight_shape
+from .subspace_math import Projection, check_basis
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 # Base weight dtypes a float diff can be added to (quantised int8/uint8-packed and float8 weights cannot take one).
@@ -77,7 +85,7 @@ class CoFiLayer(BaseTunerLayer):
     """State and merge logic shared by CoFi layers (see the module docstring)."""
 
     adapter_layer_names = ("cofi_delta",)
-    other_param_names = ("cofi_mask", "cofi_base_fingerprint", "cofi_mask_mode")
+    other_param_names = ("cofi_mask", "cofi_base_fingerprint", "cofi_mask_mode", "cofi_subspace")
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
@@ -85,6 +93,7 @@ class CoFiLayer(BaseTunerLayer):
         self.cofi_mask = BufferDict({}, persistent=True)
         self.cofi_base_fingerprint = BufferDict({}, persistent=True)
         self.cofi_mask_mode: dict[str, str] = {}
+        self.cofi_subspace: dict[str, Projection] = {}  # adapters trained away from protected input directions
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         base = self.get_base_layer()
@@ -97,13 +106,22 @@ class CoFiLayer(BaseTunerLayer):
         """``weight`` as ``(out_features, in_features)``: Conv1D stores it transposed."""
         return weight.T if self.is_conv1d else weight
 
-    def update_layer(self, adapter_name: str, mask_factors: torch.Tensor, *, config: CoFiConfig) -> None:
-        """Create (or replace) the trainable state, mask factors and fingerprint slot of ``adapter_name``."""
+    def update_layer(
+        self,
+        adapter_name: str,
+        mask_factors: torch.Tensor,
+        *,
+        config: CoFiConfig,
+        subspace: torch.Tensor | None = None,
+    ) -> None:
+        """Create (or replace) the trainable state, mask factors and fingerprint slot of ``adapter_name``;
+        ``subspace``: the protected input basis ``U`` (``in_features x k``) its update is projected away from."""
         if mask_factors.shape != (self.out_features,):
             raise ValueError(
                 f"mask factors of shape {tuple(mask_factors.shape)} do not match the layer's "
                 f"{self.out_features} output rows."
             )
+        projection = None if subspace is None else Projection.of(check_basis(subspace, self.in_features))
         base_weight = self.get_base_layer().weight
         shape = (self.out_features, self.in_features)
         # The base dtype, as peft's contract says (autocast_adapter_dtype upcasts bf16/fp16 to float32 afterwards).
@@ -118,6 +136,9 @@ class CoFiLayer(BaseTunerLayer):
         self.cofi_mask[adapter_name] = mask_factors.detach().to(torch.float32).clone()
         self.cofi_base_fingerprint[adapter_name] = torch.zeros(FINGERPRINT_BYTES, dtype=torch.uint8)
         self.cofi_mask_mode[adapter_name] = config.mask_mode
+        self.cofi_subspace.pop(adapter_name, None)
+        if projection is not None:
+            self.cofi_subspace[adapter_name] = projection
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -135,6 +156,8 @@ class CoFiLayer(BaseTunerLayer):
         for buffers in (self.cofi_mask, self.cofi_base_fingerprint):
             if adapter_name in buffers:
                 buffers[adapter_name] = buffers[adapter_name].to(target)
+        if adapter_name in self.cofi_subspace:
+            self.cofi_subspace[adapter_name] = self.cofi_subspace[adapter_name].to(target)
 
     def has_full_base_weight(self) -> bool:
         """Whether the base weight holds its full values here (not meta, a ZeRO-3 placeholder or an FSDP2 shard)."""
@@ -160,9 +183,31 @@ class CoFiLayer(BaseTunerLayer):
         delta = self.cofi_delta[adapter_name]
         # One factor per row of the full weight, also when FSDP2 shards the delta (a replicated DTensor then).
         column = row_factors(self.cofi_mask[adapter_name], delta, f"adapter {adapter_name!r}")
+        if adapter_name in self.cofi_subspace:
+            delta = self._projected(adapter_name, delta, follow=True)
         if self.cofi_mask_mode[adapter_name] == "update":
             return delta * column
         return _ScaleGrad.apply(delta, column)
+
+    def projected_delta(self, adapter_name: str, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """``D (I - U U^T)`` of an adapter trained with an input subspace (``D`` itself without one), with autograd;
+        ``delta``: that adapter's ``D`` as read now (a full copy gathered for saving, say)."""
+        own = delta is None
+        return self._projected(adapter_name, self.cofi_delta[adapter_name] if own else delta, follow=own)
+
+    def _projected(self, adapter_name: str, delta: torch.Tensor, follow: bool) -> torch.Tensor:
+        projection = self.cofi_subspace.get(adapter_name)
+        if projection is None:
+            return delta
+        if projection.basis.device != delta.device:
+            projection = projection.to(delta.device)
+            if follow:  # the layer moved since the adapter was created: follow it, once
+                self.cofi_subspace[adapter_name] = projection
+        basis = replicated_like(projection.basis.to(delta.dtype), delta)  # whole on every rank, also under FSDP2
+        # In D's own dtype even under autocast: a bf16 projection would leak into the protected directions.
+        autocast = torch.is_autocast_enabled(delta.device.type)
+        with torch.autocast(delta.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            return projection(delta, basis, fused=not is_dtensor(delta))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The detached weight change of one adapter in the base weight's own orientation and dtype."""
@@ -210,12 +255,18 @@ class Linear(nn.Module, CoFiLayer):
     """
 
     def __init__(
-        self, base_layer: nn.Module, adapter_name: str, mask_factors: torch.Tensor, *, config: CoFiConfig
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        mask_factors: torch.Tensor,
+        *,
+        config: CoFiConfig,
+        subspace: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         CoFiLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, mask_factors, config=config)
+        self.update_layer(adapter_name, mask_factors, config=config, subspace=subspace)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

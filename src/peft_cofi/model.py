@@ -1,7 +1,7 @@
 """``CoFiModel``: the peft tuner that places CoFi layers and maps their state to and from checkpoints.
 
-Every check (module matching, layer window, module types, importance shapes) runs before the first module is
-replaced, so a bad config leaves the model untouched.
+Every check (module matching, layer window, module types, importance shapes, input-subspace bases) runs before the
+first module is replaced, so a bad config leaves the model untouched.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import decode_adapter_state, is_loading
-from .config import CHECKPOINT_IMPORTANCE, CoFiConfig
-from .diff_format import FINGERPRINT
+from .config import CHECKPOINT_IMPORTANCE, CHECKPOINT_SUBSPACE, CoFiConfig
+from .diff_format import DELTA, FINGERPRINT
 from .distributed import gather_adapter_state, weight_shape
 from .importance import as_importance
 from .layer import SUPPORTED_LAYERS, CoFiLayer, Linear, untrainable_reason
@@ -28,6 +28,7 @@ from .selection import (
     matches_suffix,
     resolve_selection,
 )
+from .subspace import describe, select_bases
 
 
 class CoFiModel(BaseTuner):
@@ -51,7 +52,21 @@ class CoFiModel(BaseTuner):
         peft_config = resolve_selection(peft_config, self.model, model_config)
         targets = self._find_targets(peft_config)
         self._pending_mask_factors = self._compute_mask_factors(peft_config, targets, model_config)
+        self._pending_subspaces = self._select_subspaces(peft_config, targets)
         return peft_config
+
+    def _select_subspaces(self, config: CoFiConfig, targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """Each trained module's protected input basis (none without ``input_subspace``, or when it is already in
+        the checkpoint's ``D``); records what the saved adapter will say about it."""
+        if config.input_subspace is None or config.input_subspace == CHECKPOINT_SUBSPACE:
+            return {}
+        widths = {
+            name: weight_shape(module.weight)[0 if isinstance(module, Conv1D) else 1]
+            for name, module in targets.items()
+        }
+        bases = select_bases(config.input_subspace, widths)
+        config.input_subspace_source = describe(config.input_subspace, bases)
+        return bases
 
     def _find_targets(self, config: CoFiConfig) -> dict[str, nn.Module]:
         """The modules the config selects, validated: at least one, all trainable (see :func:`untrainable_reason`)."""
@@ -137,11 +152,12 @@ class CoFiModel(BaseTuner):
         **optional_kwargs: Any,
     ) -> None:
         factors = self._pending_mask_factors[current_key]
+        subspace = self._pending_subspaces.get(current_key)
         if isinstance(target, CoFiLayer):
-            target.update_layer(adapter_name, factors, config=peft_config)
+            target.update_layer(adapter_name, factors, config=peft_config, subspace=subspace)
             layer = target
         else:
-            layer = Linear(target, adapter_name, factors, config=peft_config)
+            layer = Linear(target, adapter_name, factors, config=peft_config, subspace=subspace)
             if adapter_name not in self.active_adapters:
                 layer.requires_grad_(False)  # an added adapter is not trainable until it is activated
             self._replace_module(parent, target_name, layer, target)
@@ -161,6 +177,11 @@ class CoFiModel(BaseTuner):
             if isinstance(module, CoFiLayer) and key in selected:
                 # Taken now if it was not yet (from the gathered base weight when sharded), and kept by the layer.
                 selected[key] = module.base_fingerprint(adapter_name, state_dict.get(f"{name}.base_layer.weight"))
+            delta_key = f"{name}.{DELTA}.{adapter_name}"
+            if isinstance(module, CoFiLayer) and adapter_name in module.cofi_subspace and delta_key in selected:
+                # The file holds the projected D: the effective diff, loadable without the subspace.
+                with torch.no_grad():
+                    selected[delta_key] = module.projected_delta(adapter_name, selected[delta_key].detach())
         return selected
 
     @classmethod

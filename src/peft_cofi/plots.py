@@ -1,5 +1,6 @@
-"""Plots of unit importance (a layers x units heatmap and per-layer distributions, one panel per module kind) and of
-forgetting over training (:func:`plot_training_history`, drawn by :class:`peft_cofi.monitor.ForgettingMonitor`).
+"""Plots of unit importance (a layers x units heatmap and per-layer distributions, one panel per module kind), of
+forgetting over training (:func:`plot_training_history`, drawn by :class:`peft_cofi.monitor.ForgettingMonitor`) and
+of input-subspace spectra (:func:`plot_subspace_spectrum`).
 
 A module's *kind* is its name after the layer index (``model.layers.9.mlp.up_proj`` -> ``mlp.up_proj``); its layer
 is that index. Scores are shown normalised as the mask sees them (:func:`peft_cofi.mask.normalize_importance`:
@@ -23,11 +24,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .importance import UnitImportance
 from .mask import normalize_importance
+from .subspace import InputSubspace
 
 _LAYER_INDEX = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)\.(?P<kind>.+)$")
 
@@ -176,6 +179,59 @@ def plot_training_history(
         axes[1].set_title("speciality (lower is better)", fontsize=10)
     figure.suptitle(title or f"forgetting monitor: {len(history)} measurements", fontsize=11)
     return _save(figure, path)
+
+
+def plot_subspace_spectrum(subspace: InputSubspace, path: str | os.PathLike[str], title: str | None = None) -> Path:
+    """Save a PNG of an input subspace's spectra: per module kind, the general energy the first directions hold
+    (against the fraction of input directions, a dot where the protected rank ends) and the spectrum they were
+    ranked by (eigenvalues over the trace, or the general-over-task ratios of a contrastive subspace), one line per
+    layer.
+
+    Raises:
+        ValueError: the subspace carries no curves (one built from bare bases has nothing to plot).
+
+    Example:
+        plot_subspace_spectrum(InputSubspace.load("subspace.safetensors"), "subspace.png")
+        PosixPath('subspace.png')
+    """
+    if not subspace.curves:
+        raise ValueError("the input subspace holds no energy curves (it was built from bare bases): nothing to plot.")
+    kinds: dict[str, list[tuple[int | None, str]]] = {}
+    for name in subspace.curves:
+        kind, layer = module_kind(name)
+        kinds.setdefault(kind, []).append((layer, name))
+    contrast = subspace.metadata.get("kind") == "contrast"
+    figure = Figure(figsize=(11, 0.6 + 3.2 * len(kinds)), dpi=110, layout="constrained")
+    axes = figure.subplots(len(kinds), 2, squeeze=False)
+    for (energy_ax, spectrum_ax), (kind, rows) in zip(axes, kinds.items(), strict=True):
+        rows.sort(key=lambda row: -1 if row[0] is None else row[0])
+        colours = colormaps["viridis"](torch.linspace(0, 0.9, len(rows)).tolist())
+        for colour, (layer, name) in zip(colours, rows, strict=True):
+            curve, k = subspace.curves[name], subspace.rank[name]
+            share = torch.arange(1, curve.numel() + 1) / curve.numel()
+            energy_ax.plot(share, curve, color=colour, lw=1, label=f"layer {_layer_label(layer)}")
+            energy_ax.plot([k / curve.numel()], [float(curve[k - 1])], "o", color=colour, ms=4)
+            if name in subspace.spectra:
+                spectrum_ax.semilogy(share, subspace.spectra[name].clamp(min=1e-12), color=colour, lw=1)
+        energy_ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="fraction of input directions", ylabel="general energy")
+        energy_ax.set_title(f"{kind}: energy held (dot: protected rank)", fontsize=9, loc="left")
+        spectrum_ax.set_xlabel("fraction of input directions")
+        spectrum_ax.set_ylabel("general / task (trace-normalised)" if contrast else "eigenvalue / trace")
+        spectrum_ax.set_title(f"{kind}: spectrum", fontsize=9, loc="left")
+        if contrast:
+            spectrum_ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
+        if len(rows) <= 12:
+            energy_ax.legend(fontsize=7, loc="lower right")
+        for ax in (energy_ax, spectrum_ax):
+            ax.tick_params(labelsize=7)
+    figure.suptitle(title or _subspace_title(subspace), fontsize=10)
+    return _save(figure, path)
+
+
+def _subspace_title(subspace: InputSubspace) -> str:
+    meta = subspace.metadata
+    chosen = f"rank {meta['rank']}" if meta.get("rank") else f"energy {meta.get('energy', '?')}"
+    return f"{meta.get('kind', 'given')} input subspace, {chosen}, {subspace.tokens} general tokens"
 
 
 def _layer_label(layer: int | None) -> str:

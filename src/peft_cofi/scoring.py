@@ -263,7 +263,7 @@ def _batch_seed(seed: int, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return zlib.crc32(tokens.numpy().tobytes(), zlib.crc32(f"{seed}:{tuple(tokens.shape)}".encode()))
 
 
-def _progress(data: Iterable, max_batches: int | None, enabled: bool) -> Iterable:
+def _progress(data: Iterable, max_batches: int | None, enabled: bool, desc: str = "importance") -> Iterable:
     try:
         total = len(data)  # type: ignore[arg-type]
     except TypeError:
@@ -271,7 +271,7 @@ def _progress(data: Iterable, max_batches: int | None, enabled: bool) -> Iterabl
     if max_batches is not None:
         data = itertools.islice(data, max_batches)
         total = max_batches if total is None else min(total, max_batches)
-    return tqdm(data, total=total, desc="importance", unit="batch", disable=not enabled)
+    return tqdm(data, total=total, desc=desc, unit="batch", disable=not enabled)
 
 
 def _rank() -> int:
@@ -285,11 +285,11 @@ def _all_reduce(sums: dict[str, torch.Tensor], tokens: int, batches: int) -> tup
     if dist.get_backend() == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     counts = torch.tensor([tokens, batches], dtype=torch.float64, device=device)
-    flat = torch.cat([*(s.to(device) for s in sums.values()), counts])
+    flat = torch.cat([*(s.to(device).flatten() for s in sums.values()), counts])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0
     for name, tensor in sums.items():
-        sums[name] = flat[offset : offset + tensor.numel()].to(tensor.device)
+        sums[name] = flat[offset : offset + tensor.numel()].view_as(tensor).to(tensor.device)
         offset += tensor.numel()
     return int(flat[-2].item()), int(flat[-1].item())
 

@@ -31,8 +31,16 @@ from .config import CoFiConfig
 if TYPE_CHECKING:  # search.py imports this module to write its outputs
     from .search import SearchResult
 
-# Fields never copied into best_config.json: set by peft, or (importance) not reproducible from JSON.
-_SKIPPED_FIELDS = ("peft_type", "peft_version", "auto_mapping", "importance", "importance_source")
+# Fields never copied into best_config.json: set by peft, or (importance, subspace) not reproducible from JSON.
+_SKIPPED_FIELDS = (
+    "peft_type",
+    "peft_version",
+    "auto_mapping",
+    "importance",
+    "importance_source",
+    "input_subspace",
+    "input_subspace_source",
+)
 # tab20: its ten dark colours, then the ten light ones, so up to 20 module groups get distinct colours.
 _COLOURS = (*colormaps["tab20"].colors[0::2], *colormaps["tab20"].colors[1::2])
 

@@ -24,6 +24,7 @@ from ..plots import plot_subspace_spectrum
 from ..scoring import context_length
 from ..subspace import InputSubspace
 from ..subspace_compute import compute_input_subspace
+from ..subspace_math import check_energy
 from . import local_model_dir
 from .importance_commands import DEFAULT_MAX_LENGTH, _positive_int, parse_layers
 
@@ -113,6 +114,7 @@ def run_subspace(args: argparse.Namespace) -> int:
         >>> main(["subspace", "model_dir", "general.jsonl", "--out", "sub.safetensors"])  # doctest: +SKIP
         0
     """
+    energy = check_energy(DEFAULT_ENERGY if args.energy is None else args.energy)  # before the model loads
     model_dir = local_model_dir(args.model)
     for path in filter(None, (args.data, args.contrast)):
         if not Path(path).is_file():
@@ -132,7 +134,7 @@ def run_subspace(args: argparse.Namespace) -> int:
         model,
         loader(args.data),
         config=CoFiConfig(target_modules=args.target_modules, layers_to_transform=args.layers),
-        energy=DEFAULT_ENERGY if args.energy is None else args.energy,
+        energy=energy,
         rank=args.rank,
         contrast=None if args.contrast is None else loader(args.contrast),
         max_batches=args.max_batches,
