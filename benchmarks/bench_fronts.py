@@ -11,8 +11,8 @@ learning rate of its grid; each run is scored on
 
 The data, regimes and versatility sets are :mod:`benchmarks.fronts_setup`'s. Methods that carry a retention anchor
 (``fronts_methods.ANCHORED_METHODS``) train with ``peft_cofi.attach_retention_anchor`` on the general prompts of
-``anchor_prompts.txt``, checked to be disjoint from every evaluation set; the input-subspace experiment
-(``fronts_methods.SUBSPACE_METHODS``) projects CoFi's update away from general inputs. Both run only when named with
+``anchor_prompts.txt``, checked to be disjoint from every evaluation set; the input-subspace methods
+(``fronts_methods.SUBSPACE_METHODS``) train CoFi with ``CoFiConfig(input_subspace=...)``. Both run only when named with
 ``--methods``.
 
 Then the settings on each method's front (not dominated within its own sweep) are rerun with more seeds, and the
@@ -120,8 +120,6 @@ def run_one(method: Method, lr: float, seed: int, setup: Setup, args: argparse.N
     if anchor is not None:
         anchor_record = {"anchor": {**settings, "mean": anchor.mean_since()[0]}}
         anchor.detach()
-    if method.finalize is not None:
-        model = method.finalize(model)
     scores = evaluate(model, setup)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)

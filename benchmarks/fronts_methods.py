@@ -24,8 +24,8 @@ from peft import LoraConfig, OSFConfig, get_peft_model
 from peft.helpers import KappaTuneSelector
 from torch import nn
 
-from benchmarks.fronts_subspace import VARIANTS, bake, input_second_moments, protect, protected_basis
-from peft_cofi import CoFiConfig, CoFiLayer, UnitImportance
+from benchmarks.fronts_subspace import VARIANTS, fraction_subspace
+from peft_cofi import CoFiConfig, InputSubspace, UnitImportance
 
 FFN = ["gate_proj", "up_proj", "down_proj"]
 LORA_RANK = 16
@@ -40,9 +40,9 @@ class Context:
     searched_modules: list[str]
     searched_layers: list[int]
     kappa_targets: list[str] = field(default_factory=list)  # filled on first use (an SVD of every linear module)
-    # (general batches, task batches) for the input-subspace experiment, and the second moments computed from them
+    # (general batches, task batches) for the input-subspace methods, and the subspaces computed from them
     subspace_data: tuple[list, list] | None = None
-    moments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    subspaces: dict[tuple[str, float], InputSubspace] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,6 @@ class Method:
     build: Callable[[nn.Module, Context], nn.Module]
     family: str  # plot colour group: "baseline", "lora", "cofi"
     anchor: Anchor | None = None  # train with a retention anchor on the benchmark's anchor prompts
-    finalize: Callable[[nn.Module], nn.Module] | None = None  # after training, before evaluating and saving
 
 
 def full_fine_tuning(model: nn.Module, ctx: Context) -> nn.Module:
@@ -91,39 +90,39 @@ def osf(model: nn.Module, ctx: Context) -> nn.Module:
     return get_peft_model(model, OSFConfig(target_modules=FFN))
 
 
+def cofi_settings(ctx: Context, mask_mode: str | None, sharpness: float, searched: bool) -> dict[str, Any]:
+    """``CoFiConfig`` arguments: the paper's coarse pick (FFN up/down in ``bottom2``) or the searched one, and
+    the unit mask if any."""
+    settings: dict[str, Any] = {"layers_to_transform": "bottom2"}
+    if searched:
+        settings = {"target_modules": ctx.searched_modules, "layers_to_transform": ctx.searched_layers}
+    if mask_mode is not None:
+        settings |= {"importance": ctx.importance, "mask_mode": mask_mode, "mask_sharpness": sharpness}
+    return settings
+
+
 def cofi(mask_mode: str | None = None, sharpness: float = 1.0, searched: bool = False):
-    """CoFi on the paper's coarse pick (FFN up/down in ``bottom2``) or the searched one, with or without a mask."""
+    """CoFi on the paper's coarse pick or the searched one, with or without a mask."""
 
     def build(model: nn.Module, ctx: Context) -> nn.Module:
-        coarse: dict[str, Any] = {"layers_to_transform": "bottom2"}
-        if searched:
-            coarse = {"target_modules": ctx.searched_modules, "layers_to_transform": ctx.searched_layers}
-        fine: dict[str, Any] = {}
-        if mask_mode is not None:
-            fine = {"importance": ctx.importance, "mask_mode": mask_mode, "mask_sharpness": sharpness}
-        return get_peft_model(model, CoFiConfig(**coarse, **fine))
+        return get_peft_model(model, CoFiConfig(**cofi_settings(ctx, mask_mode, sharpness, searched)))
 
     return build
 
 
 def cofi_subspace(variant: str, fraction: float) -> Callable[[nn.Module, Context], nn.Module]:
-    """CoFi (update mask, t=1) whose update is kept out of a ``fraction`` of each module's input directions: those
-    general text uses most (``plain``) or uses more than the task does (``contrastive``); see fronts_subspace."""
+    """CoFi (update mask, t=1) trained with ``CoFiConfig(input_subspace=...)``: its update kept out of a ``fraction``
+    of each module's input directions, those general text uses most (``plain``) or uses more than the task does
+    (``contrastive``); see fronts_subspace."""
 
     def build(model: nn.Module, ctx: Context) -> nn.Module:
-        model = cofi("update", 1.0)(model, ctx)  # D = 0: the wrapped model still computes the base model
-        names = [n for n, m in model.named_modules() if isinstance(m, CoFiLayer)]
-        if not ctx.moments:
+        settings = cofi_settings(ctx, "update", 1.0, searched=False)
+        if (variant, fraction) not in ctx.subspaces:  # computed once, on the bare base model
             general, task = ctx.subspace_data
-            ctx.moments = {"general": input_second_moments(model, general, names)}
-            ctx.moments["task"] = input_second_moments(model, task, names)
-        bases = {
-            name.removeprefix("base_model.model."): protected_basis(
-                ctx.moments["general"][name], ctx.moments["task"][name] if variant == "contrastive" else None, fraction
+            ctx.subspaces[variant, fraction] = fraction_subspace(
+                model, CoFiConfig(**settings), general, task, variant, fraction
             )
-            for name in names
-        }
-        return protect(model, bases)
+        return get_peft_model(model, CoFiConfig(**settings, input_subspace=ctx.subspaces[variant, fraction]))
 
     return build
 
@@ -172,7 +171,6 @@ SUBSPACE_METHODS: list[Method] = [
         COFI_LRS,
         cofi_subspace(variant, fraction),
         "cofi",
-        finalize=bake,
     )
     for variant in VARIANTS
     for fraction in SUBSPACE_FRACTIONS

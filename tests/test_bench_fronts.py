@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from benchmarks import bench_cost, bench_fronts
 from benchmarks.fronts_methods import METHODS
 from benchmarks.fronts_report import interpolate, matched_comparison, pareto
@@ -119,3 +120,27 @@ def test_quick_calibration_adds_wise_and_calibrated_points_for_cofi_and_full(tmp
     calibrated = [f"{s.split(':')[0]}@{s.split(':')[1]}+{k}" for s in sources for k in ("wise", "calib")]
     bench_fronts.main(["--quick", "--out-dir", str(tmp_path), "--report-only", "--methods", *methods, *calibrated])
     assert "+calib" in (tmp_path / "fronts_quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_subspace_methods_train_cofi_with_the_packages_input_subspace(tmp_path):
+    from benchmarks.fronts_methods import ALL_METHODS, SUBSPACE_METHODS
+    from benchmarks.fronts_subspace import protected_rank
+
+    from peft_cofi import CoFiLayer
+
+    names = ["cofi-subspace-plain-0.3", "cofi-subspace-contrastive-0.3"]
+    assert set(names) <= {method.name for method in SUBSPACE_METHODS}
+    args = bench_fronts.parse_args(["--quick", "--out-dir", str(tmp_path), "--steps", "3", "--methods", *names])
+    setup = bench_fronts.quick_setup(args)
+    by_name = {method.name: method for method in ALL_METHODS}
+    for name in names:
+        model = by_name[name].build(setup.task.fresh_base(), setup.context)
+        layers = [m for m in model.modules() if isinstance(m, CoFiLayer)]
+        ranks = {layer.cofi_subspace["default"].rank == protected_rank(layer.in_features, 0.3) for layer in layers}
+        assert ranks == {True}
+        record = bench_fronts.run_one(by_name[name], by_name[name].lrs[-1] * args.lr_scale, 0, setup, args)
+        assert record["method"] == name and record["speciality_gain"] != 0
+    plain, contrastive = (setup.context.subspaces[variant, 0.3] for variant in ("plain", "contrastive"))
+    assert plain.metadata["kind"] == "plain" and contrastive.metadata["kind"] == "contrast"
+    assert any(not torch.equal(plain[n], contrastive[n]) for n in plain)

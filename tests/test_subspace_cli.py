@@ -135,7 +135,7 @@ TWO_DOWN = torch.eye(48)[:, :2]
         ({UP: torch.eye(32), DOWN: TWO_DOWN}, ValueError, f"'{UP}'.*rank 32 of 32"),
         ({UP: torch.eye(32)[:, :0], DOWN: TWO_DOWN}, ValueError, f"'{UP}'.*rank 0"),
         ({UP: torch.full((32, 2), float("inf")), DOWN: TWO_DOWN}, ValueError, f"'{UP}'.*NaN or inf"),
-        ("missing.safetensors", FileNotFoundError, "input subspace file 'missing.safetensors' does not exist"),
+        ("missing.safetensors", FileNotFoundError, "subspace file 'missing.safetensors' does not exist"),
         (torch.eye(3), TypeError, "input_subspace must be a path to a subspace file"),
     ],
 )

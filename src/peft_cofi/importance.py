@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .diff_format import PEFT_PREFIX
 from .mask import combine_importance, normalize_importance
+from .tensor_files import read_tagged_file
 
 FORMAT_NAME = "peft-cofi-importance"
 FORMAT_VERSION = "1"
@@ -140,26 +139,9 @@ class UnitImportance:
             FileNotFoundError: the path does not exist.
             ValueError: the file is not a peft-cofi importance file, or has an unsupported version.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"importance file {str(path)!r} does not exist.")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
-                scores = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{str(path)!r} is not a readable safetensors importance file: {error}") from error
-        if metadata.get("format") != FORMAT_NAME:
-            raise ValueError(f"{str(path)!r} is not a peft-cofi importance file (format={metadata.get('format')!r}).")
-        if metadata.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{str(path)!r} has importance format version {metadata.get('format_version')!r}; "
-                f"this peft-cofi reads version {FORMAT_VERSION}. Upgrade peft-cofi or recompute the importance."
-            )
+        scores, metadata = read_tagged_file(path, FORMAT_NAME, FORMAT_VERSION, "importance")
         tokens = int(metadata.pop("tokens", 0))
         normalized = metadata.pop("normalized", "false") == "true"
-        for key in ("format", "format_version"):
-            metadata.pop(key)
         return cls(scores, tokens=tokens, normalized=normalized, **metadata)
 
 

@@ -29,14 +29,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .importance import strip_wrapper_prefix
 from .subspace_math import check_basis
+from .tensor_files import read_tagged_file
 
 FORMAT_NAME = "peft-cofi-subspace"
 FORMAT_VERSION = "1"
@@ -164,22 +163,7 @@ class InputSubspace(Mapping[str, torch.Tensor]):
             FileNotFoundError: the path does not exist.
             ValueError: not a peft-cofi subspace file, an unknown version, an unknown tensor, or a bad basis.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"input subspace file {str(path)!r} does not exist.")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{str(path)!r} is not a readable safetensors subspace file: {error}") from error
-        if metadata.get("format") != FORMAT_NAME:
-            raise ValueError(f"{str(path)!r} is not a peft-cofi subspace file (format={metadata.get('format')!r}).")
-        if metadata.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{str(path)!r} has subspace format version {metadata.get('format_version')!r}; this peft-cofi reads "
-                f"version {FORMAT_VERSION}. Upgrade peft-cofi or recompute the subspace."
-            )
+        tensors, metadata = read_tagged_file(path, FORMAT_NAME, FORMAT_VERSION, "subspace")
         sections: dict[str, dict[str, torch.Tensor]] = {section: {} for section in _SECTIONS}
         for key, tensor in tensors.items():
             section, _, name = key.partition("/")
@@ -190,8 +174,6 @@ class InputSubspace(Mapping[str, torch.Tensor]):
             tokens = int(metadata.pop("tokens", "0"))
         except ValueError as error:
             raise ValueError(f"{str(path)!r} has a bad token count in its header: {error}") from error
-        for key in ("format", "format_version"):
-            metadata.pop(key)
         try:
             return cls(
                 sections["basis"], curves=sections["curve"], spectra=sections["spectrum"], tokens=tokens, **metadata

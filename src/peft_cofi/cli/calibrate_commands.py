@@ -25,7 +25,8 @@ from ..diff_scaling import cofi_weights_path
 from ..evaluation import exact_match_evaluator, loss_evaluator, retention_evaluator
 from ..scales import GRANULARITIES
 from . import local_model_dir
-from .search_commands import _batches, _positive_float, _positive_int, _records
+from .arguments import positive_float, positive_int
+from .search_commands import _batches, _records
 
 DEFAULT_BUDGET = 0.98
 
@@ -67,14 +68,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     limit = calibrate.add_mutually_exclusive_group()
     limit.add_argument(
         "--budget",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="R",
         help=f"least versatility retention to keep, 1 = the base model's (default: {DEFAULT_BUDGET})",
     )
     limit.add_argument(
         "--max-forgetting",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="NATS",
         help="the same as a largest CE increase (or KL with --versatility kl) in nats: budget = exp(-NATS)",
@@ -96,10 +97,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="kept fractions tried by --method dare/ties (default: %(default)s)",
     )
     calibrate.add_argument(
-        "--row-groups", type=_positive_int, default=4, help="row groups per module for --granularity row"
+        "--row-groups", type=positive_int, default=4, help="row groups per module for --granularity row"
     )
-    calibrate.add_argument("--max-evaluations", type=_positive_int, default=None, help="stop after N evaluations")
-    calibrate.add_argument("--max-minutes", type=_positive_float, default=None, help="stop after M minutes")
+    calibrate.add_argument("--max-evaluations", type=positive_int, default=None, help="stop after N evaluations")
+    calibrate.add_argument("--max-minutes", type=positive_float, default=None, help="stop after M minutes")
     calibrate.add_argument(
         "--speciality", choices=("loss", "exact-match"), default="loss", help="speciality measure (default: loss)"
     )
@@ -110,9 +111,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="versatility: exp(-cross-entropy increase) or exp(-KL to the base model) (default: ce)",
     )
     calibrate.add_argument("--seed", type=int, default=0, help="DARE's random drop (default: %(default)s)")
-    calibrate.add_argument("--batch-size", type=_positive_int, default=8, help="default: %(default)s")
-    calibrate.add_argument("--max-length", type=_positive_int, default=256, help="tokens per example (default: 256)")
-    calibrate.add_argument("--max-records", type=_positive_int, default=None, help="read at most N records per file")
+    calibrate.add_argument("--batch-size", type=positive_int, default=8, help="default: %(default)s")
+    calibrate.add_argument("--max-length", type=positive_int, default=256, help="tokens per example (default: 256)")
+    calibrate.add_argument("--max-records", type=positive_int, default=None, help="read at most N records per file")
     calibrate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     calibrate.add_argument(
         "--no-verify-base", action="store_true", help="apply the diff even if MODEL is not the model it was trained on"

@@ -12,21 +12,15 @@ Example:
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..config import CoFiConfig
 from ..data import load_jsonl_dataloader
 from ..importance import UnitImportance
 from ..plots import plot_importance_distributions, plot_importance_heatmap
-from ..scoring import DEFAULT_DROPOUT, METHODS, compute_importance, context_length
-from ..windows import parse_window
+from ..scoring import DEFAULT_DROPOUT, METHODS, compute_importance
 from . import local_model_dir
-
-DEFAULT_MAX_LENGTH = 512
+from .arguments import add_model_data_arguments, load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,30 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compute.add_argument(
         "--method", choices=METHODS, default="kl-dropout", help="importance signal (default: %(default)s)"
     )
-    compute.add_argument("--max-batches", type=_positive_int, default=None, metavar="N", help="stop after N batches")
-    compute.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="default: %(default)s")
-    compute.add_argument(
-        "--max-length",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help=f"truncate examples to N tokens (default: {DEFAULT_MAX_LENGTH} or the model's context if shorter)",
-    )
-    compute.add_argument(
-        "--layers",
-        type=parse_layers,
-        default=None,
-        metavar="WINDOW",
-        help="layer window: bottom1, bottom2, middle, top, bottom-plus, middle-plus, top-plus, a fraction range "
-        "'0.25:0.5', or indices '3,4,5' (default: all layers)",
-    )
-    compute.add_argument(
-        "--target-modules",
-        nargs="+",
-        default=None,
-        metavar="NAME",
-        help="module names or suffixes to score (default: the architecture's FFN projections, e.g. up_proj down_proj)",
-    )
+    add_model_data_arguments(compute, "module names or suffixes to score")
     compute.add_argument(
         "--dropout",
         type=float,
@@ -86,8 +57,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     compute.add_argument("--seed", type=int, default=0, help="seed of the dropout masks (default: %(default)s)")
     compute.add_argument("--no-head-pooling", action="store_true", help="one score per row of attention projections")
-    compute.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    compute.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     compute.set_defaults(handler=run_importance)
 
     plot = subparsers.add_parser(
@@ -102,23 +71,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plot.set_defaults(handler=run_importance_plot)
 
 
-def parse_layers(spec: str) -> str | list[int]:
-    """A ``--layers`` value: a window name or fraction range (kept as a string) or comma-separated indices.
-
-    Example:
-        >>> parse_layers("3, 4,5"), parse_layers("bottom2")
-        ([3, 4, 5], 'bottom2')
-    """
-
-    if re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", spec):
-        return [int(part) for part in spec.split(",")]
-    try:
-        parse_window(spec)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
-    return spec
-
-
 def run_importance(args: argparse.Namespace) -> int:
     """Handler of ``peft-cofi importance``: load model, tokenizer and data, compute, save, print a summary.
 
@@ -127,15 +79,11 @@ def run_importance(args: argparse.Namespace) -> int:
         >>> main(["importance", "model_dir", "general.jsonl", "--out", "imp.safetensors"])  # doctest: +SKIP
         0
     """
-    model_dir = local_model_dir(args.model)
+    local_model_dir(args.model)  # a missing model is named before a missing data file
     if not Path(args.data).is_file():
         raise FileNotFoundError(f"data file {args.data!r} does not exist.")
     out = Path(args.out)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
-    context = context_length(model)
-    max_length = args.max_length or min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH)
+    model, tokenizer, max_length = load_model(args)
     loader = load_jsonl_dataloader(args.data, tokenizer, batch_size=args.batch_size, max_length=max_length)
     config = CoFiConfig(target_modules=args.target_modules, layers_to_transform=args.layers)
     importance = compute_importance(
@@ -174,10 +122,3 @@ def run_importance_plot(args: argparse.Namespace) -> int:
         written.append(plot_importance_distributions(importance, args.distributions, sharpness=args.sharpness))
     print("wrote " + ", ".join(str(path) for path in written))
     return 0
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer.")
-    return value

@@ -24,6 +24,7 @@ from ..evaluation import exact_match_evaluator, loss_evaluator, retention_evalua
 from ..search import STRATEGIES, search_modules
 from ..search_objective import DEFAULT_MIN_RETENTION, OBJECTIVES
 from . import local_model_dir
+from .arguments import positive_float, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,10 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--eval", required=True, metavar="JSONL", help="held-out speciality data")
     search.add_argument("--general", required=True, metavar="FILE", help="general text (.jsonl or plain text)")
     search.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    search.add_argument("--budget-trials", type=_positive_int, default=None, metavar="N", help="stop after N trials")
-    search.add_argument("--budget-minutes", type=_positive_float, default=None, metavar="M", help="stop after M min")
-    search.add_argument("--steps", type=_positive_int, default=20, help="AdamW steps per trial (default: %(default)s)")
-    search.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate (default: %(default)s)")
+    search.add_argument("--budget-trials", type=positive_int, default=None, metavar="N", help="stop after N trials")
+    search.add_argument("--budget-minutes", type=positive_float, default=None, metavar="M", help="stop after M min")
+    search.add_argument("--steps", type=positive_int, default=20, help="AdamW steps per trial (default: %(default)s)")
+    search.add_argument("--lr", type=positive_float, default=1e-4, help="learning rate (default: %(default)s)")
     search.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     search.add_argument("--objective", choices=OBJECTIVES, default="constrained", help="default: %(default)s")
     search.add_argument(
@@ -75,10 +76,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="versatility: exp(-cross-entropy increase) or exp(-KL to the base model) (default: ce)",
     )
     search.add_argument("--strategy", choices=STRATEGIES, default="tree", help="default: %(default)s")
-    search.add_argument("--beam-width", type=_positive_int, default=1, help="nodes refined per level (default: 1)")
-    search.add_argument("--batch-size", type=_positive_int, default=8, help="default: %(default)s")
-    search.add_argument("--max-length", type=_positive_int, default=256, help="tokens per example (default: 256)")
-    search.add_argument("--max-records", type=_positive_int, default=None, help="read at most N records per file")
+    search.add_argument("--beam-width", type=positive_int, default=1, help="nodes refined per level (default: 1)")
+    search.add_argument("--batch-size", type=positive_int, default=8, help="default: %(default)s")
+    search.add_argument("--max-length", type=positive_int, default=256, help="tokens per example (default: 256)")
+    search.add_argument("--max-records", type=positive_int, default=None, help="read at most N records per file")
     search.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     search.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     search.set_defaults(handler=run_search)
@@ -147,17 +148,3 @@ def _batches(tokenizer: Any, records: list[dict[str, Any]], args: argparse.Names
     pad = pad_token_id(tokenizer)
     size = args.batch_size
     return [collate(examples[i : i + size], pad) for i in range(0, len(examples), size)]
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer.")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number.")
-    return value

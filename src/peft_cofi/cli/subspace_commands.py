@@ -15,18 +15,14 @@ import argparse
 import statistics
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from ..config import CoFiConfig
 from ..data import load_jsonl_dataloader
 from ..plots import plot_subspace_spectrum
-from ..scoring import context_length
 from ..subspace import InputSubspace
 from ..subspace_compute import compute_input_subspace
 from ..subspace_math import check_energy
 from . import local_model_dir
-from .importance_commands import DEFAULT_MAX_LENGTH, _positive_int, parse_layers
+from .arguments import add_model_data_arguments, load_model, positive_int
 
 DEFAULT_ENERGY = 0.9
 
@@ -67,33 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="E",
         help=f"fraction of energy to protect (default {DEFAULT_ENERGY})",
     )
-    size.add_argument("--rank", type=_positive_int, default=None, metavar="K", help="protect exactly K directions")
-    compute.add_argument("--max-batches", type=_positive_int, default=None, metavar="N", help="N batches per data file")
-    compute.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="default: %(default)s")
-    compute.add_argument(
-        "--max-length",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help=f"truncate examples to N tokens (default: {DEFAULT_MAX_LENGTH} or the model's context if shorter)",
-    )
-    compute.add_argument(
-        "--layers",
-        type=parse_layers,
-        default=None,
-        metavar="WINDOW",
-        help="layer window: bottom1, bottom2, middle, top, bottom-plus, middle-plus, top-plus, a fraction range "
-        "'0.25:0.5', or indices '3,4,5' (default: all layers)",
-    )
-    compute.add_argument(
-        "--target-modules",
-        nargs="+",
-        default=None,
-        metavar="NAME",
-        help="module names or suffixes (default: the architecture's FFN projections, e.g. up_proj down_proj)",
-    )
-    compute.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    compute.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    size.add_argument("--rank", type=positive_int, default=None, metavar="K", help="protect exactly K directions")
+    add_model_data_arguments(compute, "module names or suffixes")
     compute.set_defaults(handler=run_subspace)
 
     plot = subparsers.add_parser(
@@ -115,17 +86,14 @@ def run_subspace(args: argparse.Namespace) -> int:
         0
     """
     energy = check_energy(DEFAULT_ENERGY if args.energy is None else args.energy)  # before the model loads
-    model_dir = local_model_dir(args.model)
+    local_model_dir(args.model)  # a missing model is named before a missing data file
     for path in filter(None, (args.data, args.contrast)):
         if not Path(path).is_file():
             raise FileNotFoundError(f"data file {path!r} does not exist.")
     out = Path(args.out)
     if out.resolve() in {Path(p).resolve() for p in filter(None, (args.data, args.contrast))}:
         raise ValueError(f"--out {str(out)!r} is one of the input files; write the subspace elsewhere.")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
-    max_length = args.max_length or min(DEFAULT_MAX_LENGTH, context_length(model) or DEFAULT_MAX_LENGTH)
+    model, tokenizer, max_length = load_model(args)
 
     def loader(path: str):
         return load_jsonl_dataloader(path, tokenizer, batch_size=args.batch_size, max_length=max_length)
