@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -71,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true", help="write the report from the cached runs only")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
-        "--lrs", type=float, nargs="+", default=None, help="these learning rates instead of each method's grid"
+        "--lrs", type=float, nargs="+", default=None, help="only these learning rates (runs and extra seeds)"
     )
     parser.add_argument("--lr-scale", type=float, default=None, help="multiply every grid (default 1; 10 quick)")
     parser.add_argument("--dictionary", default=FREEDICT_ENG_FRA, help="a FreeDict dictd file (the speciality)")
@@ -182,6 +183,8 @@ def run_all(args: argparse.Namespace, setup: Setup, cache: Path) -> list[dict[st
     methods.sort(key=lambda m: (m.family == "lora", m.name == "osf"))
     for method in methods:
         for lr in front_settings([r for r in records if r["method"] == method.name and r["seed"] == 0]):
+            if args.lrs and not any(math.isclose(lr, chosen * args.lr_scale) for chosen in args.lrs):
+                continue  # --lrs: more seeds for those settings only
             for seed in range(1, args.seeds):
                 ensure(method, lr, seed)
     return [r for r in records if r["method"] in args.methods]
