@@ -321,8 +321,11 @@ def write_report(records, base, methods, description, settings, out_dir: Path, n
     order = {m.name: i for i, m in enumerate(methods)}
     rows = sorted(aggregate(records), key=lambda r: (order.get(r["method"], len(order)), r["lr"]))
     labels = {m.name: m.label for m in methods}
-    comparisons = {measure: matched_comparison(rows, measure) for measure in measures(rows)}
-    verdicts = {measure: goal_verdict(rows, comparison) for measure, comparison in comparisons.items()}
+    # Each measure's front from the seeds that have it (a measure added later was rerun on some seeds only); gain
+    # and forgetting of a point come from the same runs.
+    per_measure = {measure: aggregate([r for r in records if measure in r]) for measure in measures(records)}
+    comparisons = {measure: matched_comparison(per_measure[measure], measure) for measure in per_measure}
+    verdicts = {measure: goal_verdict(per_measure[measure], comparisons[measure]) for measure in per_measure}
     plot_fronts(rows, labels, out_dir / f"{name}.png")
     (out_dir / f"{name}.md").write_text(markdown(rows, comparisons, verdicts, base, labels, description, settings))
     document = {
