@@ -11,9 +11,12 @@ to both: a fair comparison). For each source:
   anchor prompts (disjoint from every evaluation set); the record's ``lr`` holds the budget's allowed CE increase.
 
 Each calibrated adapter is evaluated on the test and versatility sets as ``bench_fronts`` evaluates a run, and
-appended to the regime's runs cache under the method name ``{method}@{lr}+wise`` / ``+calib`` (seed of the source)::
+appended to the regime's runs cache as soon as it is scored, under the method name ``{method}@{lr}+wise`` /
+``+calib`` (seed of the source); a rerun skips the records already there, and each calibration's candidates are
+cached too::
 
-    python -m benchmarks.fronts_calibration --keep-models DIR --sources cofi-update-1:0.0003 full:3e-05 [--regime heavy]
+    python -m benchmarks.fronts_calibration --keep-models DIR --sources cofi-update-1:0.0003 full:3e-05 \
+        [--budgets 0.02] [--max-evaluations 20] [--regime heavy]
     (then python -m benchmarks.bench_fronts --report-only --methods ... to put them in the report)
 """
 
@@ -24,6 +27,7 @@ import json
 import math
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,24 +85,31 @@ def record(setup: Any, model: torch.nn.Module, method: str, lr: float, seed: int
     }
 
 
-def calibrate_source(setup: Any, args: argparse.Namespace, method: str, lr: float, versatility: list) -> list[dict]:
+def calibrate_source(
+    setup: Any, args: argparse.Namespace, method: str, lr: float, versatility: list, budgets: list[float], done: set
+) -> Iterator[dict]:
+    """The ``+wise`` and ``+calib`` records of one kept run, each as soon as it is scored (those in ``done``
+    skipped)."""
     folder = args.keep_models / f"{args.name}-{method}-{lr:g}-0"
     if not folder.is_dir():
         raise SystemExit(f"no kept run at {folder}: run bench_fronts with --keep-models {args.keep_models} first.")
-    out = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base = setup.task.fresh_base()
         adapter, left_out = source_adapter(folder, base, work)
         extra = {"source": {"method": method, "lr": lr, "left_out": left_out}}
         for factor in (*FACTORS, 1.0):
+            if (f"{method}@{lr:g}+wise", factor, 0) in done:
+                continue
             scale_diff(adapter, work / f"wise-{factor:g}", factor)
             model = PeftModel.from_pretrained(setup.task.fresh_base(), work / f"wise-{factor:g}")
-            out.append(record(setup, model, f"{method}@{lr:g}+wise", factor, 0, extra))
+            yield record(setup, model, f"{method}@{lr:g}+wise", factor, 0, extra)
         validation = [
             collate(setup.validation[i : i + 16], setup.task.pad_id) for i in range(0, len(setup.validation), 16)
         ]
-        for budget in BUDGETS:
+        for budget in budgets:
+            if (f"{method}@{lr:g}+calib", budget, 0) in done:
+                continue
             result = calibrate(
                 setup.task.fresh_base(),
                 adapter,
@@ -106,7 +117,7 @@ def calibrate_source(setup: Any, args: argparse.Namespace, method: str, lr: floa
                 versatility=retention_evaluator(versatility, "ce"),
                 budget=math.exp(-budget),
                 granularity="layer",
-                max_evaluations=MAX_EVALUATIONS,
+                max_evaluations=args.max_evaluations,
                 out_dir=work / f"calib-{budget:g}",
                 cache=args.out_dir / f"{args.name}_calibration_{method}_{lr:g}.jsonl",
                 progress=False,
@@ -114,16 +125,20 @@ def calibrate_source(setup: Any, args: argparse.Namespace, method: str, lr: floa
             model = PeftModel.from_pretrained(setup.task.fresh_base(), work / f"calib-{budget:g}" / "adapter")
             scales = {k: round(v, 3) for k, v in list(result.chosen.scales.items())[:40]} if result.chosen else {}
             info = {**extra, "calibration": {"budget_ce": budget, "met": result.met_budget, "factors": scales}}
-            out.append(record(setup, model, f"{method}@{lr:g}+calib", budget, 0, info))
-    return out
+            yield record(setup, model, f"{method}@{lr:g}+calib", budget, 0, info)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sources", nargs="+", required=True, help="METHOD:LR of kept runs (seed 0)")
     parser.add_argument("--keep-models", type=Path, required=True, help="bench_fronts --keep-models folder")
+    parser.add_argument(
+        "--budgets", type=float, nargs="+", default=list(BUDGETS), help="allowed retention CE increases (nats)"
+    )
+    parser.add_argument("--max-evaluations", type=int, default=MAX_EVALUATIONS, help="candidates per calibration")
     own, rest = parser.parse_known_args(argv)
     args = fronts_args([*rest, "--keep-models", str(own.keep_models)])
+    args.max_evaluations = own.max_evaluations
     setup = quick_setup(args) if args.quick else real_setup(args)
     if args.quick:
         prompts = [ids[mask.bool()].tolist() for b in setup.anchor for ids, mask in zip(*b.values(), strict=True)]
@@ -134,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r["method"], r["lr"], r["seed"]) for r in read_runs(cache)}
     for source in own.sources:
         method, lr = source.rsplit(":", 1)
-        wanted = [(f"{method}@{float(lr):g}+wise", a, 0) for a in FACTORS]
-        if all(key in done for key in wanted + [(f"{method}@{float(lr):g}+calib", b, 0) for b in BUDGETS]):
-            continue
-        for row in calibrate_source(setup, args, method, float(lr), versatility):
+        for row in calibrate_source(setup, args, method, float(lr), versatility, own.budgets, done):
             gain, forgetting = row["speciality_gain"], row["retention_ce_increase"]
             print(f"{row['method']} {row['lr']:g}: gain {gain:+.3f} retention {forgetting:+.4f}", flush=True)
             with cache.open("a") as handle:

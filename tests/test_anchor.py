@@ -381,7 +381,7 @@ def test_masked_kl_is_zero_for_equal_logits_non_negative_and_ignores_padding(cas
     value = masked_mean_kl(p, q, mask)
     assert float(value.detach()) >= -1e-6
     reference = torch.nn.functional.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="none")
-    assert float(value.detach()) == pytest.approx(float(reference.sum(-1)[mask].mean()), rel=1e-4, abs=1e-5)
+    assert float(value.detach()) == pytest.approx(float(reference.detach().sum(-1)[mask].mean()), rel=1e-4, abs=1e-5)
     value.backward()
     assert torch.count_nonzero(q.grad[~mask]) == 0  # padding gets no gradient
     shifted = q.detach().clone()
