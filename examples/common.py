@@ -62,6 +62,7 @@ def parser(description: str) -> argparse.ArgumentParser:
         help="kl: KL from the base model's next-token distributions; self-answers: the base model's own answers",
     )
     anchor.add_argument("--anchor-every", type=int, default=1, help="apply the anchor on one training call in N")
+    anchor.add_argument("--no-anchor", dest="anchor", action="store_const", const=None, help="train without the anchor")
     return out
 
 
