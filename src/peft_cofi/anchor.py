@@ -33,9 +33,9 @@ in ``k`` at the same weight. Under ``torch.distributed`` each rank draws its own
 ``rank::world_size``).
 
 Cost: an anchored ``kind="kl"`` step adds a training forward and backward pass on the anchor batch and a base forward
-pass without gradients. Measured on SmolLM2-135M (CoFi bottom2 FFN, batch and anchor batch 8 x 64 tokens, one CPU
-thread, alternating anchored and plain steps): 12.0 s against 4.2 s, 2.95 x a CoFi step; ``every=4`` spreads that to
-about 1.5 x. ``kind="self-answers"`` needs no base pass.
+pass without gradients. ``benchmarks/bench_cost`` on SmolLM2-135M (CoFi bottom2 FFN, batch and anchor batch 8 x 64
+tokens, two CPU threads): 2.40 x a CoFi step and 1.55 x its peak memory; ``every=4`` spreads that to 1.38 x.
+``kind="self-answers"`` needs no base pass.
 
 Example:
     >>> import torch
