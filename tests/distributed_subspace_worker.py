@@ -11,7 +11,6 @@ rank's shard of the effective diff computed on the sharded DTensor outside the f
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -19,7 +18,17 @@ import torch.distributed as dist
 from peft import get_peft_model
 from safetensors.torch import save_file
 
-from distributed_worker import MASK, NAMES, _shard_offset, _zero3_config, cofi_layers, global_batches, sgd_step, train
+from distributed_worker import (
+    MASK,
+    NAMES,
+    _shard_offset,
+    _zero3_config,
+    cofi_layers,
+    global_batches,
+    sgd_step,
+    start_worker,
+    train,
+)
 from peft_cofi import CoFiConfig, InputSubspace, compute_input_subspace
 from tiny_models import VOCAB, random_importance, tiny_llama
 
@@ -103,25 +112,14 @@ def run_training(engine: str, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--engines", default="ddp,fsdp2", help="comma-separated: ddp, fsdp2, zero3")
-    args = parser.parse_args()
-    engines = args.engines.split(",")
-    torch.set_num_threads(1)
-    if "zero3" in engines:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-    else:
-        dist.init_process_group("gloo")
+    out, engines = start_worker(__doc__.splitlines()[0])
     try:
         for contrast in (False, True):
             result = compute(contrast)
             if dist.get_rank() == 0:
-                result.save(args.out / f"compute-{'contrast' if contrast else 'plain'}.safetensors")
+                result.save(out / f"compute-{'contrast' if contrast else 'plain'}.safetensors")
         for engine in engines:
-            run_training(engine, args.out / engine)
+            run_training(engine, out / engine)
             dist.barrier()
     finally:
         dist.destroy_process_group()

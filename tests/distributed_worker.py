@@ -199,8 +199,9 @@ def _run_zero3(model, trainable, local, out: Path, bf16: bool) -> dict:
     return {"placeholder_shape": placeholder, "outside_forward_error": outside_forward_error, "dtypes": dtypes}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def start_worker(description: str) -> tuple[Path, list[str]]:
+    """Parse ``OUT [--engines ...]``, use one thread, and join the gloo group (through DeepSpeed for ZeRO-3)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("out", type=Path)
     parser.add_argument("--engines", default="ddp,fsdp2", help="comma-separated: ddp, fsdp2, zero3")
     args = parser.parse_args()
@@ -212,10 +213,15 @@ def main() -> None:
         deepspeed.init_distributed(dist_backend="gloo")
     else:
         dist.init_process_group("gloo")
+    return args.out, engines
+
+
+def main() -> None:
+    out, engines = start_worker(__doc__.splitlines()[0])
     try:
         for name, spec in SCENARIOS.items():
             if spec["engine"] in engines:
-                run_scenario(spec, args.out / name)
+                run_scenario(spec, out / name)
     finally:
         dist.destroy_process_group()
 
