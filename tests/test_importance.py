@@ -151,6 +151,20 @@ def snapshot(model: torch.nn.Module) -> dict:
     }
 
 
+def mixed_state_model(wrapped: bool) -> torch.nn.Module:
+    """A tiny Llama (CoFi-wrapped or bare) in mixed train/eval modes, a frozen parameter and a stale gradient: the
+    state a pass over the model must leave exactly as found."""
+    model = tiny_llama()
+    if wrapped:
+        model = get_peft_model(model, CoFiConfig(layers_to_transform="bottom2", init_weights=False))
+    model.train()
+    base = model.base_model.model if wrapped else model
+    base.model.layers[2].eval()  # mixed modes
+    base.model.embed_tokens.weight.requires_grad_(False)
+    base.lm_head.weight.grad = torch.ones_like(base.lm_head.weight)
+    return model
+
+
 def assert_same(model: torch.nn.Module, before: dict) -> None:
     after = snapshot(model)
     assert after["state"].keys() == before["state"].keys()
@@ -162,14 +176,7 @@ def assert_same(model: torch.nn.Module, before: dict) -> None:
 
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_model_is_left_exactly_as_found_also_after_an_interruption(wrapped):
-    model = tiny_llama()
-    if wrapped:
-        model = get_peft_model(model, CoFiConfig(layers_to_transform="bottom2", init_weights=False))
-    model.train()
-    base = model.base_model.model if wrapped else model
-    base.model.layers[2].eval()  # mixed modes
-    base.model.embed_tokens.weight.requires_grad_(False)
-    base.lm_head.weight.grad = torch.ones_like(base.lm_head.weight)
+    model = mixed_state_model(wrapped)
     before = snapshot(model)
     importance(model, make_batches(count=1))
     assert_same(model, before)

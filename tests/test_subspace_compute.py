@@ -10,7 +10,7 @@ from peft import get_peft_model
 
 from peft_cofi import CoFiConfig, InputSubspace, compute_input_subspace
 from peft_cofi.subspace_math import kept_energy, projector
-from test_importance import assert_same, make_batches, snapshot
+from test_importance import assert_same, make_batches, mixed_state_model, snapshot
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 
 CONFIG = CoFiConfig(layers_to_transform="bottom2")  # layer 1 of 4: up_proj (32 inputs), down_proj (48 inputs)
@@ -107,14 +107,7 @@ def test_wrapped_model_measures_under_base_model_names_and_conv1d_inputs():
 
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_model_is_left_exactly_as_found_also_after_an_interruption(wrapped):
-    model = tiny_llama()
-    if wrapped:
-        model = get_peft_model(model, CoFiConfig(layers_to_transform="bottom2", init_weights=False))
-    model.train()
-    base = model.base_model.model if wrapped else model
-    base.model.layers[2].eval()  # mixed modes
-    base.model.embed_tokens.weight.requires_grad_(False)
-    base.lm_head.weight.grad = torch.ones_like(base.lm_head.weight)
+    model = mixed_state_model(wrapped)
     before = snapshot(model)
     subspace(model, make_batches(count=1), config=None if wrapped else CONFIG, contrast=make_batches(count=1))
     assert_same(model, before)
