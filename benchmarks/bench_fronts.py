@@ -22,6 +22,7 @@ report (``RESULTS.md``-style markdown, JSON, a fronts PNG) compares fronts. Runs
 
     python -m benchmarks.bench_fronts                  # SmolLM2-135M-Instruct, FreeDict eng-fra, WordNet (~1.5 h)
     python -m benchmarks.bench_fronts --regime heavy   # two epochs over 1,536 pairs (about 16x the light regime)
+    python -m benchmarks.bench_fronts --regime heavy --seeds 1 --methods full@1e-5 full+anchor-kl-3@1e-5  # chosen runs
     python -m benchmarks.bench_fronts --quick          # tiny random Llama, synthetic task (CI, ~1 min)
     python -m benchmarks.bench_fronts --dictionary /usr/share/dictd/freedict-eng-deu.dict.dz --name fronts_deu
 """
@@ -65,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--methods",
         nargs="+",
         default=[m.name for m in METHODS],
-        help="method names to run (default: every method of fronts_methods.METHODS; the anchored ones by name)",
+        help="method names to run, in this order (default: every method of fronts_methods.METHODS; the anchored ones by "
+        "name); NAME@LR runs that method at that learning rate only",
     )
     parser.add_argument("--seeds", type=int, default=None, help="seeds for the settings on fronts (default 3; 2 quick)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the regime's)")
@@ -92,6 +94,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(m for m in args.methods if m.split("@")[0] not in {m.name for m in ALL_METHODS})
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {[m.name for m in ALL_METHODS]}")
+    args.only_lrs = {}  # NAME@LR entries; a calibrated run's name ("{method}@{lr}+wise") is not one
+    for i, entry in enumerate(args.methods):
+        name, _, lr = entry.partition("@")
+        try:
+            rate = float(lr)
+        except ValueError:
+            continue
+        args.only_lrs.setdefault(name, []).append(rate)
+        args.methods[i] = name
+    args.methods = list(dict.fromkeys(args.methods))
     args.steps = args.steps or (4 if args.quick else REGIMES[args.regime].steps_for(args.batch_size))
     args.seeds = args.seeds or (2 if args.quick else 3)
     args.lr_scale = args.lr_scale or (10.0 if args.quick else 1.0)
@@ -156,7 +168,7 @@ def run_all(args: argparse.Namespace, setup: Setup, cache: Path) -> list[dict[st
     if args.remeasure:  # a rerun replaces a record that lacks a measure added since (same method, lr, seed)
         records = [r for r in records if measures <= set(r)]
     done = {(r["method"], r["lr"], r["seed"]) for r in records}
-    methods = [m for m in ALL_METHODS if m.name in args.methods]
+    methods = sorted((m for m in ALL_METHODS if m.name in args.methods), key=lambda m: args.methods.index(m.name))
 
     def ensure(method: Method, lr: float, seed: int) -> None:
         if (method.name, lr, seed) in done:
@@ -177,14 +189,15 @@ def run_all(args: argparse.Namespace, setup: Setup, cache: Path) -> list[dict[st
         return [r for r in records if r["method"] in args.methods]
     for method in methods:  # phase 1: every setting once (quick: the grid's ends)
         grid = args.lrs or ((method.lrs[0], method.lrs[-1]) if args.quick else method.lrs)
-        for lr in grid:
+        for lr in args.only_lrs.get(method.name, grid):
             ensure(method, lr * args.lr_scale, 0)
     # Phase 2: more seeds where it matters, the settings on each method's own front; the reference and CoFi first.
     methods.sort(key=lambda m: (m.family == "lora", m.name == "osf"))
     for method in methods:
         for lr in front_settings([r for r in records if r["method"] == method.name and r["seed"] == 0]):
-            if args.lrs and not any(math.isclose(lr, chosen * args.lr_scale) for chosen in args.lrs):
-                continue  # --lrs: more seeds for those settings only
+            chosen = args.only_lrs.get(method.name, args.lrs)
+            if chosen and not any(math.isclose(lr, c * args.lr_scale) for c in chosen):
+                continue  # --lrs or NAME@LR: more seeds for those settings only
             for seed in range(1, args.seeds):
                 ensure(method, lr, seed)
     return [r for r in records if r["method"] in args.methods]

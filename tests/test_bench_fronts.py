@@ -57,6 +57,16 @@ def test_matched_comparison_standard_error_combines_point_gain_and_reference_noi
     assert cofi["standard_error"] == pytest.approx(expected) and cofi["seeds"] == 4
 
 
+def test_methods_name_at_lr_runs_that_method_at_that_rate_only_in_the_order_given():
+    args = bench_fronts.parse_args(
+        ["--methods", "cofi-update-1@3e-4", "full@3e-5", "cofi-update-1@1e-4", "lora-ffn", "full@0.0003+wise"]
+    )
+    assert args.methods == ["cofi-update-1", "full", "lora-ffn", "full@0.0003+wise"]  # a calibrated run's name stays
+    assert args.only_lrs == {"cofi-update-1": [3e-4, 1e-4], "full": [3e-5]}
+    with pytest.raises(SystemExit):
+        bench_fronts.parse_args(["--methods", "nonsense@3e-4"])
+
+
 @pytest.mark.slow
 def test_quick_fronts_benchmark_runs_every_method_and_writes_the_report(tmp_path):
     bench_fronts.main(["--quick", "--out-dir", str(tmp_path)])
