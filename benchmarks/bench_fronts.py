@@ -66,8 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--methods",
         nargs="+",
         default=[m.name for m in METHODS],
-        help="method names to run, in this order (default: every method of fronts_methods.METHODS; the anchored ones by "
-        "name); NAME@LR runs that method at that learning rate only",
+        help="method names to run, in this order (default: every method of fronts_methods.METHODS; the anchored "
+        "ones by name); NAME@LR runs that method at that learning rate only",
     )
     parser.add_argument("--seeds", type=int, default=None, help="seeds for the settings on fronts (default 3; 2 quick)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the regime's)")
