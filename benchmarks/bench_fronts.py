@@ -94,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(m for m in args.methods if m.split("@")[0] not in {m.name for m in ALL_METHODS})
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {[m.name for m in ALL_METHODS]}")
+    argv_methods = list(args.methods)
     args.only_lrs = {}  # NAME@LR entries; a calibrated run's name ("{method}@{lr}+wise") is not one
     for i, entry in enumerate(args.methods):
         name, _, lr = entry.partition("@")
@@ -103,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             continue
         args.only_lrs.setdefault(name, []).append(rate)
         args.methods[i] = name
+    both = sorted({m for m in argv_methods if "@" not in m} & set(args.only_lrs))
+    if both:
+        parser.error(f"{both} named both bare (every rate) and as NAME@LR (those rates only); name each one way")
     args.methods = list(dict.fromkeys(args.methods))
     args.steps = args.steps or (4 if args.quick else REGIMES[args.regime].steps_for(args.batch_size))
     args.seeds = args.seeds or (2 if args.quick else 3)

@@ -65,6 +65,8 @@ def test_methods_name_at_lr_runs_that_method_at_that_rate_only_in_the_order_give
     assert args.only_lrs == {"cofi-update-1": [3e-4, 1e-4], "full": [3e-5]}
     with pytest.raises(SystemExit):
         bench_fronts.parse_args(["--methods", "nonsense@3e-4"])
+    with pytest.raises(SystemExit):  # bare means every rate, NAME@LR those only: both at once is ambiguous
+        bench_fronts.parse_args(["--methods", "full", "full@3e-5"])
 
 
 @pytest.mark.slow
