@@ -157,11 +157,13 @@ def anchored(method: Method, weight: float, kind: str = "kl", every: int = 1) ->
     return replace(method, name=method.name + suffix, label=label, anchor=Anchor(weight, kind, every))
 
 
-# Run only when named with --methods: the anchor on full fine-tuning, LoRA and CoFi at weight 1, on full
-# fine-tuning and CoFi at weight 3.
+# Run only when named with --methods: the anchor on full fine-tuning, LoRA and CoFi at weight 1 and at weight 3.
 ANCHORED_METHODS: list[Method] = [
-    anchored(method, 1.0) for method in METHODS if method.name in ("full", "lora-ffn", "cofi-update-1")
-] + [anchored(method, 3.0) for method in METHODS if method.name in ("full", "cofi-update-1")]
+    anchored(method, weight)
+    for weight in (1.0, 3.0)
+    for method in METHODS
+    if method.name in ("full", "lora-ffn", "cofi-update-1")
+]
 # Run only when named: the input-subspace experiment (issue 15), CoFi's update projected away from general inputs.
 SUBSPACE_FRACTIONS = (0.1, 0.3, 0.6)
 SUBSPACE_METHODS: list[Method] = [
