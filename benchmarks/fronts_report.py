@@ -37,6 +37,7 @@ MEASURE_LABELS = {
     "general_ce_increase": "plain English (WordNet sentences): CE increase",
 }
 GOAL_GAIN, GOAL_FRACTION, GOAL_SIGMAS = 0.95, 0.5, 3.0
+BEYOND = " (beyond full fine-tuning's gains: against its best-gain point)"
 
 
 def measures(records: list[dict[str, Any]]) -> list[str]:
@@ -97,14 +98,17 @@ def _standard_error(row: dict[str, Any], reference: list[dict[str, Any]], y: str
     """Standard error of ``row``'s forgetting minus full fine-tuning's interpolated at ``row``'s gain.
 
     Seed noise enters three ways: the point's own forgetting, its gain (moving where the reference is read, times
-    the reference's slope there), and the two reference settings being interpolated. None unless all three have two
-    seeds or more (one seed says nothing of the spread).
+    the reference's slope there), and the two reference settings being interpolated (beyond the reference's gains:
+    its best-gain setting alone). None unless all of them have two seeds or more (one seed says nothing of the
+    spread).
     """
     for left, right in itertools.pairwise(reference):
         if left[X] <= row[X] <= right[X]:
             break
     else:
-        return None
+        if not reference or row[X] <= reference[-1][X]:
+            return None
+        left = right = reference[-1]  # beyond the reference's gains: against its best-gain point (no slope)
     slope = (right[y] - left[y]) / (right[X] - left[X]) if right[X] > left[X] else 0.0
     weight = (row[X] - left[X]) / (right[X] - left[X]) if right[X] > left[X] else 0.0
     seeds = [row.get("seeds", 1), left.get("seeds", 1), right.get("seeds", 1)]
@@ -121,7 +125,9 @@ def matched_comparison(
     rows: list[dict[str, Any]], y: str = Y, reference_method: str = REFERENCE
 ) -> list[dict[str, Any]]:
     """Each method's front points (for measure ``y``) against the reference method's front (default: full
-    fine-tuning's) at the same speciality gain."""
+    fine-tuning's) at the same speciality gain; a point with more gain than the reference ever reaches is compared
+    with the reference's best-gain point (``beyond_reference``), which favours the reference: along its front,
+    forgetting rises with gain."""
     rows = [r for r in rows if y in r]
     reference_rows = sorted((r for r in rows if r["method"] == reference_method), key=lambda r: (r[X], r[y]))
     reference_rows = [reference_rows[i] for i in pareto([(r[X], r[y]) for r in reference_rows])]
@@ -132,6 +138,9 @@ def matched_comparison(
         for i in pareto([(r[X], r[y]) for r in mine]):
             row = mine[i]
             at_reference = interpolate(reference, row[X]) if reference else None
+            beyond = bool(reference) and row[X] > reference[-1][0]
+            if beyond:  # the reference cannot reach this gain; its best point forgets less than it would here
+                at_reference = reference[-1][1]
             dominated = any(x >= row[X] and f <= row[y] and (x, f) != (row[X], row[y]) for x, f in reference)
             out.append(
                 {
@@ -146,6 +155,7 @@ def matched_comparison(
                     if at_reference is None or method == reference_method
                     else _standard_error(row, reference_rows, y),
                     "dominated_by_reference": dominated,
+                    "beyond_reference": beyond,
                 }
             )
     return out
@@ -160,10 +170,11 @@ def goal_verdict(rows: list[dict[str, Any]], comparison: list[dict[str, Any]]) -
         return []
     out = []
     for c in comparison:
-        if c["method"] == REFERENCE or c[X] < GOAL_GAIN * best or not c["reference_forgetting"]:
-            continue
-        ratio = c["forgetting"] / c["reference_forgetting"]
-        margin = GOAL_FRACTION * c["reference_forgetting"] - c["forgetting"]
+        reference = c["reference_forgetting"]
+        if c["method"] == REFERENCE or c[X] < GOAL_GAIN * best or reference is None or reference <= 0:
+            continue  # where full fine-tuning does not forget (its CE falls) there is nothing to halve
+        ratio = c["forgetting"] / reference
+        margin = GOAL_FRACTION * reference - c["forgetting"]
         sigmas = None if not c["standard_error"] else margin / c["standard_error"]
         met = ratio <= GOAL_FRACTION and sigmas is not None and sigmas >= GOAL_SIGMAS
         out.append({**c, "ratio": ratio, "sigmas_below_half": sigmas, "met": met})
@@ -249,7 +260,9 @@ def markdown(rows, comparisons, verdicts, base, labels, description, settings) -
     for measure, verdict in verdicts.items():
         met = [v for v in verdict if v["met"]]
         closest = verdict[0] if verdict else None
-        winners = [f"{labels.get(v['method'], v['method'])} (lr {v['lr']:g})" for v in met]
+        winners = [
+            f"{labels.get(v['method'], v['method'])} (lr {v['lr']:g}){BEYOND * v['beyond_reference']}" for v in met
+        ]
         state = f"**met** by {', '.join(winners)}"
         if not met:
             state = "not met"
@@ -258,6 +271,7 @@ def markdown(rows, comparisons, verdicts, base, labels, description, settings) -
                 state += (
                     f"; closest: {labels.get(closest['method'], closest['method'])} at lr {closest['lr']:g} forgets "
                     f"{closest['ratio']:.2f}x full fine-tuning's at gain {closest[X]:.3f}"
+                    + BEYOND * closest["beyond_reference"]
                     + ("" if sigmas is None else f" ({sigmas:+.1f} SE from half)")
                 )
         lines.append(f"- {MEASURE_LABELS.get(measure, measure)}: {state}.")
@@ -266,14 +280,16 @@ def markdown(rows, comparisons, verdicts, base, labels, description, settings) -
             "",
             f"## Against full fine-tuning at the same gain: {MEASURE_LABELS.get(measure, measure)}",
             "",
-            "Negative difference: forgets less than full fine-tuning would at that gain. Blank: outside the gains "
-            "full fine-tuning's front covers. ± is the standard error of the difference over seeds.",
+            "Negative difference: forgets less than full fine-tuning would at that gain. Blank: below the gains "
+            "full fine-tuning's front covers; `*`: beyond them, so compared with its best-gain point (which "
+            "favours full fine-tuning). ± is the standard error of the difference over seeds.",
             "",
             "| method | lr | seeds | gain | forgetting | full FT's at that gain | difference | dominated by full FT |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for c in comparison:
             ref = "" if c["reference_forgetting"] is None else f"{c['reference_forgetting']:.4f}"
+            ref += "*" * c["beyond_reference"]
             diff = "" if c["difference"] is None else f"{c['difference']:+.4f}"
             diff += "" if c["standard_error"] is None else f" ± {c['standard_error']:.4f}"
             lines.append(
@@ -287,7 +303,12 @@ def summary_table(comparison: list[dict[str, Any]], labels: dict[str, str]) -> l
     """One line per method, its own retention front's points joined by " / " (the README's table)."""
 
     def joined(points: list[dict[str, Any]], key: str, digits: int) -> str:
-        return " / ".join("—" if p[key] is None else f"{p[key]:.{digits}f}" for p in points)
+        return " / ".join(
+            "—"
+            if p[key] is None
+            else f"{p[key]:.{digits}f}" + "*" * (key == "reference_forgetting" and p["beyond_reference"])
+            for p in points
+        )
 
     def differences(points: list[dict[str, Any]]) -> str:
         return " / ".join(
@@ -300,6 +321,8 @@ def summary_table(comparison: list[dict[str, Any]], labels: dict[str, str]) -> l
     lines = [
         "",
         "## One line per method: its own retention front (the README's table)",
+        "",
+        "`*`: beyond full fine-tuning's gains, compared with its best-gain point.",
         "",
         "| method (learning rates) | seeds | gain | forgetting | full FT's at that gain | difference |",
         "|---|---|---|---|---|---|",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from benchmarks import bench_cost, bench_fronts
 from benchmarks.fronts_methods import METHODS
-from benchmarks.fronts_report import interpolate, matched_comparison, pareto
+from benchmarks.fronts_report import goal_verdict, interpolate, matched_comparison, pareto
 
 
 def test_pareto_keeps_exactly_the_undominated_points():
@@ -31,11 +31,31 @@ def test_matched_comparison_against_full_fine_tuning():
         row("full", 1e-4, 3.0, 0.5),
         row("cofi", 1e-4, 2.0, 0.2),
         row("lora", 1e-3, 2.0, 0.4),
+        row("anchored", 1e-3, 3.5, 0.2),
+        row("weak", 1e-5, 0.5, 0.05),
     ]
     by_method = {c["method"]: c for c in matched_comparison(rows) if c["method"] != "full"}
     assert by_method["cofi"]["difference"] == pytest.approx(-0.1) and not by_method["cofi"]["dominated_by_reference"]
     assert by_method["lora"]["difference"] == pytest.approx(0.1)
     assert by_method["cofi"]["standard_error"] is None  # one seed each: no spread to report
+    # more gain than full fine-tuning reaches: against its best-gain point (0.5 at gain 3); less gain: no comparison
+    assert by_method["anchored"]["reference_forgetting"] == pytest.approx(0.5)
+    assert by_method["anchored"]["beyond_reference"] and not by_method["lora"]["beyond_reference"]
+    assert by_method["weak"]["reference_forgetting"] is None and not by_method["weak"]["beyond_reference"]
+
+
+def test_goal_verdict_halves_only_where_full_fine_tuning_forgets():
+    def row(method, gain, forgetting):
+        return {"method": method, "lr": gain, "seeds": 3, "speciality_gain": gain, "retention_ce_increase": forgetting}
+
+    rows = [row("full", 1.0, 0.1), row("full", 2.0, 0.4), row("anchored", 2.0, 0.1), row("close", 1.9, 0.3)]
+    for r in rows:
+        r["speciality_gain_std"], r["retention_ce_increase_std"] = 0.0, 0.01
+    verdict = goal_verdict(rows, matched_comparison(rows))
+    assert [v["method"] for v in verdict] == ["anchored", "close"]  # sorted by ratio, both at >= 95 % of gain 2
+    assert verdict[0]["ratio"] == pytest.approx(0.25) and verdict[0]["met"] and not verdict[1]["met"]
+    falling = [{**r, "retention_ce_increase": -r["retention_ce_increase"]} for r in rows]  # CE falls: nothing to halve
+    assert goal_verdict(falling, matched_comparison(falling)) == []
 
 
 def test_matched_comparison_standard_error_combines_point_gain_and_reference_noise():
@@ -55,6 +75,10 @@ def test_matched_comparison_standard_error_combines_point_gain_and_reference_noi
     cofi = next(c for c in matched_comparison(rows) if c["method"] == "cofi")
     expected = ((0.03**2 + (0.2 * 0.1) ** 2) / 4 + (0.5 * 0.02) ** 2 / 4 + (0.5 * 0.04) ** 2 / 4) ** 0.5
     assert cofi["standard_error"] == pytest.approx(expected) and cofi["seeds"] == 4
+    # beyond full fine-tuning's best gain (3): its best-gain setting's noise only, no slope term
+    rows.append(row("anchored", 4.0, 0.2, 0.1, 0.03))
+    anchored = next(c for c in matched_comparison(rows) if c["method"] == "anchored")
+    assert anchored["standard_error"] == pytest.approx((0.03**2 / 4 + 0.04**2 / 4) ** 0.5)
 
 
 def test_methods_name_at_lr_runs_that_method_at_that_rate_only_in_the_order_given():
