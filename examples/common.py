@@ -50,10 +50,10 @@ def parser(description: str) -> argparse.ArgumentParser:
         "--anchor",
         type=float,
         nargs="?",
-        const=1.0,
+        const=3.0,
         default=None,
         metavar="WEIGHT",
-        help="anchor training to the base model on general prompts with this weight (default 1.0 when given)",
+        help="anchor training to the base model on general prompts with this weight (default 3.0 when given)",
     )
     anchor.add_argument(
         "--anchor-kind",

@@ -3,7 +3,7 @@
 CoFiTune's coarse level trains only the FFN ``up_proj``/``down_proj`` of the layers in the 25-50% depth window
 (``bottom2``); everything else stays frozen. Its fine level measures how much each output unit of those
 modules matters to the base model on general text and scales that unit's updates by ``1 - importance``.
-It trains with a retention anchor (weight 1: KL to the base model on general prompts), the one protection that moved
+It trains with a retention anchor (weight 3: KL to the base model on general prompts), the one protection that moved
 the fronts benchmark's front (benchmarks/RESULTS.md). Run from the repository root::
 
     python -m examples.quickstart               # real model and data (see README for the apt/pip packages)
@@ -30,7 +30,7 @@ from peft_cofi import CoFiConfig  # importing peft_cofi registers the 'cofi' met
 
 def main(argv: list[str] | None = None) -> int:
     options = parser(__doc__)
-    options.set_defaults(anchor=1.0)  # the quickstart is the recommended path: anchored (--no-anchor turns it off)
+    options.set_defaults(anchor=3.0)  # the quickstart is the recommended path: anchored (--no-anchor turns it off)
     args = options.parse_args(argv)
     start = time.perf_counter()
     task = prepare(args, "quickstart")

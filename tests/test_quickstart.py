@@ -56,7 +56,7 @@ def test_quickstart_tiny_runs_and_reload_matches(tmp_path: Path) -> None:
     for label in ("held-out loss (base model)", "importance", "train", "held-out loss (tuned)"):
         assert f"{label}: 100%" in result.stdout + result.stderr, label
     # the recommended path trains with the retention anchor; --no-anchor is CoFi alone
-    assert "retention anchor: KL to the base model, weight 1, on every call" in result.stdout
+    assert "retention anchor: KL to the base model, weight 3, on every call" in result.stdout
     plain = run_quickstart("--steps", "2", "--no-anchor", "--out", str(tmp_path / "plain"))
     assert plain.returncode == 0 and "retention anchor" not in plain.stdout, plain.stdout + plain.stderr
 
