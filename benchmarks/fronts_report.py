@@ -94,7 +94,7 @@ def interpolate(front: list[tuple[float, float]], x: float) -> float | None:
     return front[0][1] if len(front) == 1 and abs(front[0][0] - x) < 1e-9 else None
 
 
-def _standard_error(row: dict[str, Any], reference: list[dict[str, Any]], y: str = Y) -> float | None:
+def _standard_error(row: dict[str, Any], reference: list[dict[str, Any]], y: str, beyond: bool) -> float | None:
     """Standard error of ``row``'s forgetting minus full fine-tuning's interpolated at ``row``'s gain.
 
     Seed noise enters three ways: the point's own forgetting, its gain (moving where the reference is read, times
@@ -102,13 +102,14 @@ def _standard_error(row: dict[str, Any], reference: list[dict[str, Any]], y: str
     its best-gain setting alone). None unless all of them have two seeds or more (one seed says nothing of the
     spread).
     """
-    for left, right in itertools.pairwise(reference):
-        if left[X] <= row[X] <= right[X]:
-            break
+    if beyond:  # against the reference's best-gain point alone: no slope, no interpolation
+        left = right = reference[-1]
     else:
-        if not reference or row[X] <= reference[-1][X]:
+        for left, right in itertools.pairwise(reference):
+            if left[X] <= row[X] <= right[X]:
+                break
+        else:
             return None
-        left = right = reference[-1]  # beyond the reference's gains: against its best-gain point (no slope)
     slope = (right[y] - left[y]) / (right[X] - left[X]) if right[X] > left[X] else 0.0
     weight = (row[X] - left[X]) / (right[X] - left[X]) if right[X] > left[X] else 0.0
     seeds = [row.get("seeds", 1), left.get("seeds", 1), right.get("seeds", 1)]
@@ -153,7 +154,7 @@ def matched_comparison(
                     "difference": None if at_reference is None else row[y] - at_reference,
                     "standard_error": None
                     if at_reference is None or method == reference_method
-                    else _standard_error(row, reference_rows, y),
+                    else _standard_error(row, reference_rows, y, beyond),
                     "dominated_by_reference": dominated,
                     "beyond_reference": beyond,
                 }
@@ -288,8 +289,7 @@ def markdown(rows, comparisons, verdicts, base, labels, description, settings) -
             "|---|---|---|---|---|---|---|---|",
         ]
         for c in comparison:
-            ref = "" if c["reference_forgetting"] is None else f"{c['reference_forgetting']:.4f}"
-            ref += "*" * c["beyond_reference"]
+            ref = _reference_cell(c, 4, missing="")
             diff = "" if c["difference"] is None else f"{c['difference']:+.4f}"
             diff += "" if c["standard_error"] is None else f" ± {c['standard_error']:.4f}"
             lines.append(
@@ -299,16 +299,18 @@ def markdown(rows, comparisons, verdicts, base, labels, description, settings) -
     return "\n".join(lines + summary_table(comparisons.get(Y, []), labels)) + "\n"
 
 
+def _reference_cell(comparison: dict[str, Any], digits: int, missing: str) -> str:
+    """Full fine-tuning's forgetting at a point's gain, starred where it is read at full fine-tuning's best gain."""
+    if comparison["reference_forgetting"] is None:
+        return missing
+    return f"{comparison['reference_forgetting']:.{digits}f}" + "*" * comparison["beyond_reference"]
+
+
 def summary_table(comparison: list[dict[str, Any]], labels: dict[str, str]) -> list[str]:
     """One line per method, its own retention front's points joined by " / " (the README's table)."""
 
     def joined(points: list[dict[str, Any]], key: str, digits: int) -> str:
-        return " / ".join(
-            "—"
-            if p[key] is None
-            else f"{p[key]:.{digits}f}" + "*" * (key == "reference_forgetting" and p["beyond_reference"])
-            for p in points
-        )
+        return " / ".join("—" if p[key] is None else f"{p[key]:.{digits}f}" for p in points)
 
     def differences(points: list[dict[str, Any]]) -> str:
         return " / ".join(
@@ -329,7 +331,7 @@ def summary_table(comparison: list[dict[str, Any]], labels: dict[str, str]) -> l
     ]
     for method in dict.fromkeys(c["method"] for c in comparison):
         points = sorted((c for c in comparison if c["method"] == method), key=lambda c: c["lr"])
-        reference = "—" if method == REFERENCE else joined(points, "reference_forgetting", 3)
+        reference = "—" if method == REFERENCE else " / ".join(_reference_cell(p, 3, missing="—") for p in points)
         rates = ", ".join(f"{p['lr']:g}" for p in points)
         lines.append(
             f"| {labels.get(method, method)} ({rates}) | {' / '.join(str(p['seeds']) for p in points)} | "
