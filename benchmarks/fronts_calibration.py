@@ -12,8 +12,8 @@ to both: a fair comparison). For each source:
 
 Each calibrated adapter is evaluated on the test and versatility sets as ``bench_fronts`` evaluates a run, and
 appended to the regime's runs cache as soon as it is scored, under the method name ``{method}@{lr}+wise`` /
-``+calib`` (seed of the source); a rerun skips the records already there, and each calibration's candidates are
-cached too::
+``+calib`` (seed of the source: ``METHOD:LR:SEED`` picks a kept run other than seed 0); a rerun skips the records
+already there, and each calibration's candidates are cached too::
 
     python -m benchmarks.fronts_calibration --keep-models DIR --sources cofi-update-1:0.0003 full:3e-05 \
         [--budgets 0.02] [--max-evaluations 20] [--regime heavy]
@@ -86,11 +86,13 @@ def record(setup: Any, model: torch.nn.Module, method: str, lr: float, seed: int
 
 
 def calibrate_source(
-    setup: Any, args: argparse.Namespace, method: str, lr: float, versatility: list, budgets: list[float], done: set
+    setup: Any, args: argparse.Namespace, source: str, versatility: list, budgets: list[float], done: set
 ) -> Iterator[dict]:
-    """The ``+wise`` and ``+calib`` records of one kept run, each as soon as it is scored (those in ``done``
-    skipped)."""
-    folder = args.keep_models / f"{args.name}-{method}-{lr:g}-0"
+    """The ``+wise`` and ``+calib`` records of one kept run (``METHOD:LR[:SEED]``), each as soon as it is scored
+    (those in ``done`` skipped); a record carries its source's seed."""
+    method, lr_text, seed_text = [*source.split(":"), "0"][:3]
+    lr, seed = float(lr_text), int(seed_text)
+    folder = args.keep_models / f"{args.name}-{method}-{lr:g}-{seed}"
     if not folder.is_dir():
         raise SystemExit(f"no kept run at {folder}: run bench_fronts with --keep-models {args.keep_models} first.")
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,16 +101,16 @@ def calibrate_source(
         adapter, left_out = source_adapter(folder, base, work)
         extra = {"source": {"method": method, "lr": lr, "left_out": left_out}}
         for factor in (*FACTORS, 1.0):
-            if (f"{method}@{lr:g}+wise", factor, 0) in done:
+            if (f"{method}@{lr:g}+wise", factor, seed) in done:
                 continue
             scale_diff(adapter, work / f"wise-{factor:g}", factor)
             model = PeftModel.from_pretrained(setup.task.fresh_base(), work / f"wise-{factor:g}")
-            yield record(setup, model, f"{method}@{lr:g}+wise", factor, 0, extra)
+            yield record(setup, model, f"{method}@{lr:g}+wise", factor, seed, extra)
         validation = [
             collate(setup.validation[i : i + 16], setup.task.pad_id) for i in range(0, len(setup.validation), 16)
         ]
         for budget in budgets:
-            if (f"{method}@{lr:g}+calib", budget, 0) in done:
+            if (f"{method}@{lr:g}+calib", budget, seed) in done:
                 continue
             result = calibrate(
                 setup.task.fresh_base(),
@@ -119,18 +121,20 @@ def calibrate_source(
                 granularity="layer",
                 max_evaluations=args.max_evaluations,
                 out_dir=work / f"calib-{budget:g}",
-                cache=args.out_dir / f"{args.name}_calibration_{method}_{lr:g}.jsonl",
+                cache=args.out_dir / f"{args.name}_calibration_{method}_{lr:g}{f'_seed{seed}' if seed else ''}.jsonl",
                 progress=False,
             )
             model = PeftModel.from_pretrained(setup.task.fresh_base(), work / f"calib-{budget:g}" / "adapter")
             scales = {k: round(v, 3) for k, v in list(result.chosen.scales.items())[:40]} if result.chosen else {}
             info = {**extra, "calibration": {"budget_ce": budget, "met": result.met_budget, "factors": scales}}
-            yield record(setup, model, f"{method}@{lr:g}+calib", budget, 0, info)
+            yield record(setup, model, f"{method}@{lr:g}+calib", budget, seed, info)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sources", nargs="+", required=True, help="METHOD:LR of kept runs (seed 0)")
+    parser.add_argument(
+        "--sources", nargs="+", required=True, help="METHOD:LR[:SEED] of kept runs (seed 0 unless given)"
+    )
     parser.add_argument("--keep-models", type=Path, required=True, help="bench_fronts --keep-models folder")
     parser.add_argument(
         "--budgets", type=float, nargs="+", default=list(BUDGETS), help="allowed retention CE increases (nats)"
@@ -148,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.out_dir / f"{args.name}_runs.jsonl"
     done = {(r["method"], r["lr"], r["seed"]) for r in read_runs(cache)}
     for source in own.sources:
-        method, lr = source.rsplit(":", 1)
-        for row in calibrate_source(setup, args, method, float(lr), versatility, own.budgets, done):
+        for row in calibrate_source(setup, args, source, versatility, own.budgets, done):
             gain, forgetting = row["speciality_gain"], row["retention_ce_increase"]
             print(f"{row['method']} {row['lr']:g}: gain {gain:+.3f} retention {forgetting:+.4f}", flush=True)
             with cache.open("a") as handle:

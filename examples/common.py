@@ -158,9 +158,16 @@ def cofi_importance(task: Task, args: argparse.Namespace) -> UnitImportance:
 
 
 def cofi_model(task: Task, args: argparse.Namespace) -> nn.Module:
-    """The quickstart's CoFi model: bottom2 FFN projections, soft mask from :func:`cofi_importance`."""
+    """The quickstart's CoFi model. Coarse level: FFN up_proj/down_proj of the layers in the (25%, 50%] depth window
+    (bottom2). Fine level: how much each output unit of those modules matters to the base model on general text
+    (:func:`cofi_importance`), turned into a soft mask on the updates."""
     config = CoFiConfig(layers_to_transform="bottom2", importance=cofi_importance(task, args))
     model = get_peft_model(task.base, config)
+    factors = torch.cat([m.cofi_mask["default"] for m in model.modules() if hasattr(m, "cofi_mask")])
+    print(
+        f"soft mask over {factors.numel():,} units: mean factor {factors.mean():.3f}, "
+        f"{(factors < 0.1).float().mean():.1%} of units below 0.1"
+    )
     model.print_trainable_parameters()
     return model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -140,12 +141,17 @@ def test_quick_calibration_adds_wise_and_calibrated_points_for_cofi_and_full(tmp
     )
     runs = {(r["method"], r["lr"]) for r in bench_fronts.read_runs(tmp_path / "fronts_quick_runs.jsonl")}
     sources = [f"{m}:{max(lr for method, lr in runs if method == m):g}" for m in methods]
+    # a source other than seed 0 (METHOD:LR:SEED): CoFi's kept run under seed 1's name; its records carry seed 1
+    cofi_run = kept / f"fronts_quick-{sources[1].replace(':', '-')}"
+    shutil.copytree(f"{cofi_run}-0", f"{cofi_run}-1")
+    sources[1] += ":1"
     argv = ["--quick", "--out-dir", str(tmp_path), "--keep-models", str(kept), "--sources", *sources]
     fronts_calibration.main(argv)
     records = bench_fronts.read_runs(tmp_path / "fronts_quick_runs.jsonl")
     for source in sources:
-        method, lr = source.split(":")
+        method, lr, seed = [*source.split(":"), "0"][:3]
         wise = {r["lr"]: r for r in records if r["method"] == f"{method}@{lr}+wise"}
+        assert {r["seed"] for r in wise.values()} == {int(seed)}
         calib = {r["lr"]: r for r in records if r["method"] == f"{method}@{lr}+calib"}
         assert sorted(wise) == [0.25, 0.5, 0.75, 1.0] and sorted(calib) == list(fronts_calibration.BUDGETS)
         # a smaller factor moves less: less gain, and the factor-1 copy scores like the source run

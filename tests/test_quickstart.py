@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import gzip
+import json
 import os
 import random
 import re
@@ -59,6 +60,12 @@ def test_quickstart_tiny_runs_and_reload_matches(tmp_path: Path) -> None:
     assert "retention anchor: KL to the base model, weight 3, on every call" in result.stdout
     plain = run_quickstart("--steps", "2", "--no-anchor", "--out", str(tmp_path / "plain"))
     assert plain.returncode == 0 and "retention anchor" not in plain.stdout, plain.stdout + plain.stderr
+    # --adapter lora: the least-forgetting recipe (LoRA r16 on every FFN projection, anchored), a plain LoRA adapter
+    lora = run_quickstart("--steps", "4", "--adapter", "lora", "--out", str(tmp_path / "lora"))
+    assert lora.returncode == 0 and "reload check: PASSED" in lora.stdout, lora.stdout + lora.stderr
+    assert "trainable parameters: 73,728" in lora.stdout  # 8 layers * 3 projections * r16 * (64 + 128)
+    assert "retention anchor: KL to the base model, weight 3" in lora.stdout and "soft mask" not in lora.stdout
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
 @pytest.mark.slow
