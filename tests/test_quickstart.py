@@ -47,25 +47,27 @@ def run_quickstart(*arguments: str, env: dict[str, str] | None = None) -> subpro
 
 @pytest.mark.slow
 def test_quickstart_tiny_runs_and_reload_matches(tmp_path: Path) -> None:
+    # the default: the recommended recipe, LoRA r16 on every FFN projection with the weight-3 anchor
     result = run_quickstart("--steps", "10", "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reload check: PASSED" in result.stdout
     assert re.search(r"^held-out loss: \d+\.\d+ -> \d+\.\d+$", result.stdout, re.MULTILINE)
-    assert "trainable parameters: 32,768" in result.stdout  # up/down_proj of layers 2-3 of 8: 2 * 2 * 64 * 128
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "out").iterdir()}
-    # every slow step says what it does: the evaluations before and after training, importance, training
-    for label in ("held-out loss (base model)", "importance", "train", "held-out loss (tuned)"):
-        assert f"{label}: 100%" in result.stdout + result.stderr, label
-    # the recommended path trains with the retention anchor; --no-anchor is CoFi alone
+    assert "trainable parameters: 73,728" in result.stdout  # 8 layers * 3 projections * r16 * (64 + 128)
     assert "retention anchor: KL to the base model, weight 3, on every call" in result.stdout
-    plain = run_quickstart("--steps", "2", "--no-anchor", "--out", str(tmp_path / "plain"))
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    # every slow step says what it does: the evaluations before and after training, training
+    for label in ("held-out loss (base model)", "train", "held-out loss (tuned)"):
+        assert f"{label}: 100%" in result.stdout + result.stderr, label
+    # --adapter cofi: CoFiTune with the same anchor, saved as a weight diff (the README's main job)
+    cofi = run_quickstart("--steps", "4", "--adapter", "cofi", "--out", str(tmp_path / "cofi"))
+    assert cofi.returncode == 0 and "reload check: PASSED" in cofi.stdout, cofi.stdout + cofi.stderr
+    assert "trainable parameters: 32,768" in cofi.stdout  # up/down_proj of layers 2-3 of 8: 2 * 2 * 64 * 128
+    assert "importance: 100%" in cofi.stdout + cofi.stderr and "soft mask over" in cofi.stdout
+    assert "retention anchor: KL to the base model, weight 3" in cofi.stdout
+    assert json.loads((tmp_path / "cofi" / "adapter_config.json").read_text())["peft_type"] == "COFI"
+    # --no-anchor: the adapter alone
+    plain = run_quickstart("--steps", "2", "--no-anchor", "--adapter", "cofi", "--out", str(tmp_path / "plain"))
     assert plain.returncode == 0 and "retention anchor" not in plain.stdout, plain.stdout + plain.stderr
-    # --adapter lora: the least-forgetting recipe (LoRA r16 on every FFN projection, anchored), a plain LoRA adapter
-    lora = run_quickstart("--steps", "4", "--adapter", "lora", "--out", str(tmp_path / "lora"))
-    assert lora.returncode == 0 and "reload check: PASSED" in lora.stdout, lora.stdout + lora.stderr
-    assert "trainable parameters: 73,728" in lora.stdout  # 8 layers * 3 projections * r16 * (64 + 128)
-    assert "retention anchor: KL to the base model, weight 3" in lora.stdout and "soft mask" not in lora.stdout
-    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
 @pytest.mark.slow
