@@ -85,13 +85,28 @@ def record(setup: Any, model: torch.nn.Module, method: str, lr: float, seed: int
     }
 
 
+def parse_source(source: str) -> tuple[str, float, int]:
+    """``METHOD:LR[:SEED]`` as (method, lr, seed), or an error that shows the expected form.
+
+    Example:
+        >>> parse_source("cofi-update-1:0.0003:1")
+        ('cofi-update-1', 0.0003, 1)
+    """
+    parts = source.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        return parts[0], float(parts[1]), int(parts[2]) if len(parts) == 3 else 0
+    except ValueError:
+        raise SystemExit(f"--sources {source!r}: expected METHOD:LR or METHOD:LR:SEED, e.g. full:3e-05:1") from None
+
+
 def calibrate_source(
     setup: Any, args: argparse.Namespace, source: str, versatility: list, budgets: list[float], done: set
 ) -> Iterator[dict]:
     """The ``+wise`` and ``+calib`` records of one kept run (``METHOD:LR[:SEED]``), each as soon as it is scored
     (those in ``done`` skipped); a record carries its source's seed."""
-    method, lr_text, seed_text = [*source.split(":"), "0"][:3]
-    lr, seed = float(lr_text), int(seed_text)
+    method, lr, seed = parse_source(source)
     folder = args.keep_models / f"{args.name}-{method}-{lr:g}-{seed}"
     if not folder.is_dir():
         raise SystemExit(f"no kept run at {folder}: run bench_fronts with --keep-models {args.keep_models} first.")

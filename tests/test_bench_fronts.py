@@ -130,6 +130,16 @@ def test_quick_cost_benchmark_measures_every_variant(tmp_path):
     assert results["ratios"]["cofi-subspace / cofi-update time"]["value"] > 0
 
 
+def test_calibration_sources_name_method_rate_and_an_optional_seed():
+    from benchmarks.fronts_calibration import parse_source
+
+    assert parse_source("full:3e-05") == ("full", 3e-05, 0)
+    assert parse_source("cofi-update-1:0.0003:2") == ("cofi-update-1", 0.0003, 2)
+    for bad in ("full", "full:fast", "full:3e-05:one", "a:1:2:3"):
+        with pytest.raises(SystemExit, match="expected METHOD:LR or METHOD:LR:SEED"):
+            parse_source(bad)
+
+
 @pytest.mark.slow
 def test_quick_calibration_adds_wise_and_calibrated_points_for_cofi_and_full(tmp_path):
     from benchmarks import fronts_calibration
