@@ -158,18 +158,20 @@ def test_quick_calibration_adds_wise_and_calibrated_points_for_cofi_and_full(tmp
     argv = ["--quick", "--out-dir", str(tmp_path), "--keep-models", str(kept), "--sources", *sources]
     fronts_calibration.main(argv)
     records = bench_fronts.read_runs(tmp_path / "fronts_quick_runs.jsonl")
-    for source in sources:
-        method, lr, seed = [*source.split(":"), "0"][:3]
-        wise = {r["lr"]: r for r in records if r["method"] == f"{method}@{lr}+wise"}
-        assert {r["seed"] for r in wise.values()} == {int(seed)}
-        calib = {r["lr"]: r for r in records if r["method"] == f"{method}@{lr}+calib"}
+    parsed = [fronts_calibration.parse_source(source) for source in sources]
+    assert [seed for _, _, seed in parsed] == [0, 1]
+    for method, lr, seed in parsed:
+        wise = {r["lr"]: r for r in records if r["method"] == f"{method}@{lr:g}+wise"}
+        assert {r["seed"] for r in wise.values()} == {seed}
+        calib = {r["lr"]: r for r in records if r["method"] == f"{method}@{lr:g}+calib"}
         assert sorted(wise) == [0.25, 0.5, 0.75, 1.0] and sorted(calib) == list(fronts_calibration.BUDGETS)
         # a smaller factor moves less: less gain, and the factor-1 copy scores like the source run
         assert wise[0.25]["speciality_gain"] < wise[1.0]["speciality_gain"]
         if method == "cofi-update-1":
-            source_run = next(r for r in records if r["method"] == method and f"{r['lr']:g}" == lr)
+            # the source's rate as its kept folder names it (%g): the record's float may carry rounding noise
+            source_run = next(r for r in records if r["method"] == method and f"{r['lr']:g}" == f"{lr:g}")
             assert wise[1.0]["held_out_ce"] == pytest.approx(source_run["held_out_ce"], abs=1e-5)
-    calibrated = [f"{s.split(':')[0]}@{s.split(':')[1]}+{k}" for s in sources for k in ("wise", "calib")]
+    calibrated = [f"{method}@{lr:g}+{kind}" for method, lr, _ in parsed for kind in ("wise", "calib")]
     bench_fronts.main(["--quick", "--out-dir", str(tmp_path), "--report-only", "--methods", *methods, *calibrated])
     assert "+calib" in (tmp_path / "fronts_quick.md").read_text()
 
