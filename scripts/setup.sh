@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for peft-cofi: torch pinned to 2.13.0 (a CPU build only where this pip's index offers one;
 # see the README), the package with its dev and benchmark extras, DeepSpeed, and the real model the examples and
-# benchmarks use. With --data, also the Debian packages holding the real data (FreeDict English-French, WordNet):
-# needs root. Installs into the first `python` on PATH: activate a virtual environment first (see the README).
+# benchmarks use. With --data, also the Debian packages holding the real data (FreeDict English-French, WordNet, and
+# for the fronts benchmark fortunes and the Devil's Dictionary): needs root.
+# Installs into the first `python` on PATH: activate a virtual environment first (see the README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { printf 'setup: %s\n' "$*"; }
@@ -22,12 +23,14 @@ say "4/4 DeepSpeed 0.19.8 for the ZeRO-3 test (built from source, without its C+
 python -m pip install --quiet wheel
 DS_BUILD_OPS=0 python -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 if [ "${1:-}" = "--data" ]; then
-  if [ ! -e /usr/share/dictd/freedict-eng-fra.dict.dz ] || [ ! -e /usr/share/wordnet/data.noun ]; then
-    say "data: apt-get install dict-freedict-eng-fra wordnet-base"
+  # FreeDict and WordNet for the examples; fortunes and the Devil's Dictionary for the fronts benchmark's chat corpora.
+  if [ ! -e /usr/share/dictd/freedict-eng-fra.dict.dz ] || [ ! -e /usr/share/wordnet/data.noun ] \
+    || [ ! -e /usr/share/games/fortunes/wisdom ] || [ ! -e /usr/share/dictd/devil.dict.dz ]; then
+    say "data: apt-get install dict-freedict-eng-fra wordnet-base fortunes dict-devil"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dict-freedict-eng-fra wordnet-base >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dict-freedict-eng-fra wordnet-base fortunes dict-devil >/dev/null
   else
-    say "data: FreeDict and WordNet already installed"
+    say "data: FreeDict, WordNet, fortunes and the Devil's Dictionary already installed"
   fi
 fi
 say "done"
