@@ -161,10 +161,11 @@ def anchored(method: Method, weight: float, kind: str = "kl", every: int = 1) ->
     return replace(method, name=method.name + suffix, label=label, anchor=Anchor(weight, kind, every))
 
 
-# Run only when named with --methods: the anchor on full fine-tuning, LoRA and CoFi at weight 1 and at weight 3.
+# Run only when named with --methods: the anchor on full fine-tuning, LoRA and CoFi at weights 1, 3 and 10.
+ANCHOR_WEIGHTS = (1.0, 3.0, 10.0)
 ANCHORED_METHODS: list[Method] = [
     anchored(method, weight)
-    for weight in (1.0, 3.0)
+    for weight in ANCHOR_WEIGHTS
     for method in METHODS
     if method.name in ("full", "lora-ffn", "cofi-update-1")
 ]
