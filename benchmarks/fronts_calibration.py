@@ -107,6 +107,7 @@ def calibrate_source(
     """The ``+wise`` and ``+calib`` records of one kept run (``METHOD:LR[:SEED]``), each as soon as it is scored
     (those in ``done`` skipped); a record carries its source's seed."""
     method, lr, seed = parse_source(source)
+    wise_name, calib_name = f"{method}@{lr:g}+wise", f"{method}@{lr:g}+calib"
     folder = args.keep_models / f"{args.name}-{method}-{lr:g}-{seed}"
     if not folder.is_dir():
         raise SystemExit(f"no kept run at {folder}: run bench_fronts with --keep-models {args.keep_models} first.")
@@ -116,16 +117,16 @@ def calibrate_source(
         adapter, left_out = source_adapter(folder, base, work)
         extra = {"source": {"method": method, "lr": lr, "left_out": left_out}}
         for factor in (*FACTORS, 1.0):
-            if (f"{method}@{lr:g}+wise", factor, seed) in done:
+            if (wise_name, factor, seed) in done:
                 continue
             scale_diff(adapter, work / f"wise-{factor:g}", factor)
             model = PeftModel.from_pretrained(setup.task.fresh_base(), work / f"wise-{factor:g}")
-            yield record(setup, model, f"{method}@{lr:g}+wise", factor, seed, extra)
+            yield record(setup, model, wise_name, factor, seed, extra)
         validation = [
             collate(setup.validation[i : i + 16], setup.task.pad_id) for i in range(0, len(setup.validation), 16)
         ]
         for budget in budgets:
-            if (f"{method}@{lr:g}+calib", budget, seed) in done:
+            if (calib_name, budget, seed) in done:
                 continue
             result = calibrate(
                 setup.task.fresh_base(),
@@ -142,7 +143,7 @@ def calibrate_source(
             model = PeftModel.from_pretrained(setup.task.fresh_base(), work / f"calib-{budget:g}" / "adapter")
             scales = {k: round(v, 3) for k, v in list(result.chosen.scales.items())[:40]} if result.chosen else {}
             info = {**extra, "calibration": {"budget_ce": budget, "met": result.met_budget, "factors": scales}}
-            yield record(setup, model, f"{method}@{lr:g}+calib", budget, seed, info)
+            yield record(setup, model, calib_name, budget, seed, info)
 
 
 def main(argv: list[str] | None = None) -> int:
