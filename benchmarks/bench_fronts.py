@@ -23,6 +23,7 @@ report (``RESULTS.md``-style markdown, JSON, a fronts PNG) compares fronts. Runs
     python -m benchmarks.bench_fronts                  # SmolLM2-135M-Instruct, FreeDict eng-fra, WordNet (~1.5 h)
     python -m benchmarks.bench_fronts --regime heavy   # two epochs over 1,536 pairs (about 16x the light regime)
     python -m benchmarks.bench_fronts --regime heavy --seeds 1 --methods full@1e-5 full+anchor-kl-3@1e-5  # chosen runs
+    python -m benchmarks.bench_fronts --regime heavy --seeds 3 --only-seeds 2 --methods full@1e-5  # seed 2 only
     python -m benchmarks.bench_fronts --quick          # tiny random Llama, synthetic task (CI, ~1 min)
     python -m benchmarks.bench_fronts --dictionary /usr/share/dictd/freedict-eng-deu.dict.dz --name fronts_deu
 """
@@ -70,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "ones by name); NAME@LR runs that method at that learning rate only",
     )
     parser.add_argument("--seeds", type=int, default=None, help="seeds for the settings on fronts (default 3; 2 quick)")
+    parser.add_argument(
+        "--only-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="of the extra seeds (1 to --seeds - 1), run only these: to split them between processes sharing the cache",
+    )
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the regime's)")
     parser.add_argument("--report-only", action="store_true", help="write the report from the cached runs only")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -110,12 +118,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = list(dict.fromkeys(args.methods))
     args.steps = args.steps or (4 if args.quick else REGIMES[args.regime].steps_for(args.batch_size))
     args.seeds = args.seeds or (2 if args.quick else 3)
+    if args.only_seeds and not set(args.only_seeds) <= set(range(1, args.seeds)):
+        parser.error(f"--only-seeds {args.only_seeds}: the extra seeds are 1 to {args.seeds - 1} (raise --seeds)")
     args.lr_scale = args.lr_scale or (10.0 if args.quick else 1.0)
     args.name = args.name or ("fronts_quick" if args.quick else "fronts" if args.regime == "light" else "fronts_heavy")
     return args
 
 
 # ----------------------------------------------------------------------------------------------------- runs
+
+
+def kept_run_folder(args: argparse.Namespace, method: str, lr: float, seed: int) -> Path:
+    """Where ``--keep-models`` keeps one run's saved model (read back by ``fronts_calibration``)."""
+    return args.keep_models / f"{args.name}-{method}-{lr:g}-{seed}"
 
 
 def run_one(method: Method, lr: float, seed: int, setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
@@ -142,7 +157,7 @@ def run_one(method: Method, lr: float, seed: int, setup: Setup, args: argparse.N
         model.save_pretrained(tmp)
         checkpoint_bytes = sum(f.stat().st_size for f in Path(tmp).rglob("*.safetensors"))
         if args.keep_models is not None:  # for post-hoc calibration: the adapter, or a full fine-tune's whole model
-            shutil.copytree(tmp, args.keep_models / f"{args.name}-{method.name}-{lr:g}-{seed}", dirs_exist_ok=True)
+            shutil.copytree(tmp, kept_run_folder(args, method.name, lr, seed), dirs_exist_ok=True)
     base = setup.base
     return {
         "method": method.name,
@@ -203,7 +218,8 @@ def run_all(args: argparse.Namespace, setup: Setup, cache: Path) -> list[dict[st
             if chosen and not any(math.isclose(lr, c * args.lr_scale) for c in chosen):
                 continue  # --lrs or NAME@LR: more seeds for those settings only
             for seed in range(1, args.seeds):
-                ensure(method, lr, seed)
+                if args.only_seeds is None or seed in args.only_seeds:
+                    ensure(method, lr, seed)
     return [r for r in records if r["method"] in args.methods]
 
 

@@ -36,8 +36,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from benchmarks.anchor_prompts import chat_prompts, read_prompts
+from benchmarks.bench_fronts import kept_run_folder, read_runs
 from benchmarks.bench_fronts import parse_args as fronts_args
-from benchmarks.bench_fronts import read_runs
 from benchmarks.fronts_setup import against_base, evaluate, greedy_answer, quick_setup, real_setup
 from benchmarks.resources import collate
 from peft_cofi import calibrate, scale_diff
@@ -108,7 +108,7 @@ def calibrate_source(
     (those in ``done`` skipped); a record carries its source's seed."""
     method, lr, seed = parse_source(source)
     wise_name, calib_name = f"{method}@{lr:g}+wise", f"{method}@{lr:g}+calib"
-    folder = args.keep_models / f"{args.name}-{method}-{lr:g}-{seed}"
+    folder = kept_run_folder(args, method, lr, seed)
     if not folder.is_dir():
         raise SystemExit(f"no kept run at {folder}: run bench_fronts with --keep-models {args.keep_models} first.")
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -92,6 +93,24 @@ def test_methods_name_at_lr_runs_that_method_at_that_rate_only_in_the_order_give
         bench_fronts.parse_args(["--methods", "nonsense@3e-4"])
     with pytest.raises(SystemExit):  # bare means every rate, NAME@LR those only: both at once is ambiguous
         bench_fronts.parse_args(["--methods", "full", "full@3e-5"])
+
+
+def test_only_seeds_splits_the_extra_seeds_between_processes(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(method, lr, seed, setup, args):
+        calls.append((method.name, lr, seed))
+        scores = {"speciality_gain": 1.0, "general_ce_increase": 0.1, "retention_ce_increase": 0.1, "exact_match": 0.5}
+        return {"method": method.name, "lr": lr, "seed": seed, **scores}
+
+    monkeypatch.setattr(bench_fronts, "run_one", fake_run)
+    argv, setup, cache = ["--methods", "full@3e-5", "--seeds", "4"], SimpleNamespace(base={}), tmp_path / "runs.jsonl"
+    bench_fronts.run_all(bench_fronts.parse_args([*argv, "--only-seeds", "2"]), setup, cache)
+    assert calls == [("full", 3e-5, 0), ("full", 3e-5, 2)]
+    bench_fronts.run_all(bench_fronts.parse_args(argv), setup, cache)  # the rest; seeds 0 and 2 are cached
+    assert calls[2:] == [("full", 3e-5, 1), ("full", 3e-5, 3)]
+    with pytest.raises(SystemExit):  # seed 0 is phase 1's, and seed 4 is beyond --seeds
+        bench_fronts.parse_args([*argv, "--only-seeds", "4"])
 
 
 @pytest.mark.slow
