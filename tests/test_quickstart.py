@@ -47,25 +47,27 @@ def run_quickstart(*arguments: str, env: dict[str, str] | None = None) -> subpro
 
 @pytest.mark.slow
 def test_quickstart_tiny_runs_and_reload_matches(tmp_path: Path) -> None:
-    # the default: the recommended recipe, LoRA r16 on every FFN projection with the weight-3 anchor
+    # the default: the recommended recipe, LoRA r16 on every FFN projection with the weight-10 anchor
     result = run_quickstart("--steps", "10", "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reload check: PASSED" in result.stdout
     assert re.search(r"^held-out loss: \d+\.\d+ -> \d+\.\d+$", result.stdout, re.MULTILINE)
     assert "trainable parameters: 73,728" in result.stdout  # 8 layers * 3 projections * r16 * (64 + 128)
-    assert "retention anchor: KL to the base model, weight 3, on every call" in result.stdout
+    assert "retention anchor: KL to the base model, weight 10, on every call" in result.stdout
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     # every slow step says what it does: the evaluations before and after training, training
     for label in ("held-out loss (base model)", "train", "held-out loss (tuned)"):
         assert f"{label}: 100%" in result.stdout + result.stderr, label
-    # --adapter cofi: CoFiTune with the same anchor, saved as a weight diff (the README's main job)
+    # --adapter cofi: CoFiTune, its anchor at the weight benchmarked for it (3), saved as a weight diff (the main job)
     cofi = run_quickstart("--steps", "4", "--adapter", "cofi", "--out", str(tmp_path / "cofi"))
     assert cofi.returncode == 0 and "reload check: PASSED" in cofi.stdout, cofi.stdout + cofi.stderr
     assert "trainable parameters: 32,768" in cofi.stdout  # up/down_proj of layers 2-3 of 8: 2 * 2 * 64 * 128
     assert "importance: 100%" in cofi.stdout + cofi.stderr and "soft mask over" in cofi.stdout
     assert "retention anchor: KL to the base model, weight 3" in cofi.stdout
     assert json.loads((tmp_path / "cofi" / "adapter_config.json").read_text())["peft_type"] == "COFI"
-    # --no-anchor: the adapter alone
+    # an explicit weight wins over the adapter's; --no-anchor: the adapter alone
+    chosen = run_quickstart("--steps", "2", "--anchor", "5", "--out", str(tmp_path / "chosen"))
+    assert "retention anchor: KL to the base model, weight 5, on every call" in chosen.stdout, chosen.stdout
     plain = run_quickstart("--steps", "2", "--no-anchor", "--adapter", "cofi", "--out", str(tmp_path / "plain"))
     assert plain.returncode == 0 and "retention anchor" not in plain.stdout, plain.stdout + plain.stderr
 
