@@ -29,11 +29,8 @@ from benchmarks.tasks import mean_loss, train
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from examples.common import attach_anchor, cofi_model, parser, prepare, report_anchor
+from examples.common import ANCHOR_WEIGHTS, attach_anchor, cofi_model, parser, prepare, report_anchor
 
-# Each adapter's anchor weight from the fronts benchmark (benchmarks/RESULTS.md): on LoRA, 10 forgot less than 3 on both
-# retention sets in both regimes, at 97-99 % of full fine-tuning's best gain; CoFi + anchor was benchmarked at 3.
-ANCHOR_WEIGHTS = {"lora": 10.0, "cofi": 3.0}
 _ADAPTERS_WEIGHT = object()  # the default of --anchor here: ANCHOR_WEIGHTS of the chosen adapter
 
 
