@@ -36,10 +36,12 @@ _TEMPORARY_OUTPUTS: list[tempfile.TemporaryDirectory] = []
 # Each adapter's anchor weight from the fronts benchmark (benchmarks/RESULTS.md): on LoRA, 10 forgot less than 3 on both
 # retention sets in both regimes, at 97-99 % of full fine-tuning's best gain; CoFi + anchor was benchmarked at 3.
 ANCHOR_WEIGHTS = {"lora": 10.0, "cofi": 3.0}
+ADAPTERS_ANCHOR = object()  # --anchor's value meaning "ANCHOR_WEIGHTS of the chosen --adapter" (the quickstart's)
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """The arguments every example takes."""
+def parser(description: str, anchor_per_adapter: bool = False) -> argparse.ArgumentParser:
+    """The arguments every example takes; with ``anchor_per_adapter`` a bare ``--anchor`` means
+    :data:`ADAPTERS_ANCHOR`, resolved by the caller once ``--adapter`` is known."""
     out = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     out.add_argument("--tiny", action="store_true", help="random tiny Llama + synthetic data (seconds, no extras)")
     out.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
@@ -50,16 +52,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     out.add_argument(
         "--out", type=Path, default=None, help="output dir (default: a temporary dir, removed when the run ends)"
     )
+    per_adapter = ", ".join(f"{adapter} {weight:g}" for adapter, weight in ANCHOR_WEIGHTS.items())
     anchor = out.add_argument_group("retention anchor (peft_cofi.attach_retention_anchor)")
     anchor.add_argument(
         "--anchor",
         type=float,
         nargs="?",
-        const=ANCHOR_WEIGHTS["cofi"],  # every example but the quickstart trains CoFi
+        const=ADAPTERS_ANCHOR if anchor_per_adapter else ANCHOR_WEIGHTS["cofi"],  # the other examples train CoFi
         default=None,
         metavar="WEIGHT",
-        help="anchor training to the base model on general prompts with this weight "
-        f"(default {ANCHOR_WEIGHTS['cofi']:g} when given)",
+        help="anchor training to the base model on general prompts with this weight (default when given: "
+        f"{per_adapter if anchor_per_adapter else format(ANCHOR_WEIGHTS['cofi'], 'g')})",
     )
     anchor.add_argument(
         "--anchor-kind",

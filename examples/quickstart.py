@@ -19,6 +19,7 @@ Exits non-zero when the reloaded adapter does not reproduce the trained model's 
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -29,14 +30,13 @@ from benchmarks.tasks import mean_loss, train
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from examples.common import ANCHOR_WEIGHTS, attach_anchor, cofi_model, parser, prepare, report_anchor
-
-_ADAPTERS_WEIGHT = object()  # the default of --anchor here: ANCHOR_WEIGHTS of the chosen adapter
+from examples.common import ADAPTERS_ANCHOR, ANCHOR_WEIGHTS, attach_anchor, cofi_model, parser, prepare, report_anchor
 
 
-def main(argv: list[str] | None = None) -> int:
-    options = parser(__doc__)
-    options.set_defaults(anchor=_ADAPTERS_WEIGHT)  # the recommended path is anchored (--no-anchor turns it off)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The quickstart's arguments; the anchor's weight, unless given, is the chosen adapter's (ANCHOR_WEIGHTS)."""
+    options = parser(__doc__, anchor_per_adapter=True)
+    options.set_defaults(anchor=ADAPTERS_ANCHOR)  # the recommended path is anchored (--no-anchor turns it off)
     options.add_argument(
         "--adapter",
         choices=("lora", "cofi"),
@@ -45,10 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         "forgetting in the fronts benchmark); cofi: CoFiTune (bottom2 FFN up/down, soft mask), saved as a weight diff",
     )
     args = options.parse_args(argv)
-    if args.anchor is _ADAPTERS_WEIGHT:
+    if args.anchor is ADAPTERS_ANCHOR:
         args.anchor = ANCHOR_WEIGHTS[args.adapter]
     if args.adapter == "lora" and args.lr is None:
         args.lr = 1e-2 if args.tiny else 1e-3
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     start = time.perf_counter()
     task = prepare(args, "quickstart")
     out = args.out

@@ -24,6 +24,7 @@ from benchmarks.resources import (
     translation_messages,
     wordnet_sentences,
 )
+from examples import quickstart
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +71,21 @@ def test_quickstart_tiny_runs_and_reload_matches(tmp_path: Path) -> None:
     assert "retention anchor: KL to the base model, weight 5, on every call" in chosen.stdout, chosen.stdout
     plain = run_quickstart("--steps", "2", "--no-anchor", "--adapter", "cofi", "--out", str(tmp_path / "plain"))
     assert plain.returncode == 0 and "retention anchor" not in plain.stdout, plain.stdout + plain.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "weight"),
+    [
+        ([], 10.0),  # the default: LoRA with its weight
+        (["--adapter", "cofi"], 3.0),
+        (["--anchor"], 10.0),  # a bare --anchor means the chosen adapter's weight too
+        (["--anchor", "--adapter", "cofi"], 3.0),
+        (["--adapter", "cofi", "--anchor", "5"], 5.0),
+        (["--no-anchor"], None),
+    ],
+)
+def test_quickstart_anchor_weight_follows_the_adapter_unless_given(argv: list[str], weight: float | None) -> None:
+    assert quickstart.parse_args(argv).anchor == weight
 
 
 @pytest.mark.slow
