@@ -161,8 +161,8 @@ def anchored(method: Method, weight: float, kind: str = "kl", every: int = 1) ->
     return replace(method, name=method.name + suffix, label=label, anchor=Anchor(weight, kind, every))
 
 
-# Run only when named with --methods: the anchor on full fine-tuning, LoRA and CoFi at weights 1, 3 and 10.
-ANCHOR_WEIGHTS = (1.0, 3.0, 10.0)
+# Run only when named with --methods: the anchor on full fine-tuning, LoRA and CoFi at weights 1, 3, 10 and 30.
+ANCHOR_WEIGHTS = (1.0, 3.0, 10.0, 30.0)
 ANCHORED_METHODS: list[Method] = [
     anchored(method, weight)
     for weight in ANCHOR_WEIGHTS
