@@ -186,7 +186,7 @@ def test_fronts_methods_carry_the_anchor_and_leave_the_existing_methods_alone(tm
     assert all(method.anchor is None for method in METHODS)  # cached runs keep their names and settings
     names = {"full+anchor-kl-1", "lora-ffn+anchor-kl-1", "cofi-update-1+anchor-kl-1"}
     assert {method.name for method in ANCHORED_METHODS} == {
-        name.replace("kl-1", f"kl-{weight}") for name in names for weight in (1, 3, 10)
+        name.replace("kl-1", f"kl-{weight}") for name in names for weight in (1, 3, 10, 30)
     }
     args = bench_fronts.parse_args(["--quick", "--out-dir", str(tmp_path), "--steps", "3", "--methods", *names])
     setup = bench_fronts.quick_setup(args)
