@@ -52,17 +52,20 @@ def parser(description: str, anchor_per_adapter: bool = False) -> argparse.Argum
     out.add_argument(
         "--out", type=Path, default=None, help="output dir (default: a temporary dir, removed when the run ends)"
     )
-    per_adapter = ", ".join(f"{adapter} {weight:g}" for adapter, weight in ANCHOR_WEIGHTS.items())
+    if anchor_per_adapter:
+        bare = ADAPTERS_ANCHOR
+        bare_help = ", ".join(f"{adapter} {weight:g}" for adapter, weight in ANCHOR_WEIGHTS.items())
+    else:  # the other examples train CoFi
+        bare, bare_help = ANCHOR_WEIGHTS["cofi"], f"{ANCHOR_WEIGHTS['cofi']:g}"
     anchor = out.add_argument_group("retention anchor (peft_cofi.attach_retention_anchor)")
     anchor.add_argument(
         "--anchor",
         type=float,
         nargs="?",
-        const=ADAPTERS_ANCHOR if anchor_per_adapter else ANCHOR_WEIGHTS["cofi"],  # the other examples train CoFi
+        const=bare,
         default=None,
         metavar="WEIGHT",
-        help="anchor training to the base model on general prompts with this weight (default when given: "
-        f"{per_adapter if anchor_per_adapter else format(ANCHOR_WEIGHTS['cofi'], 'g')})",
+        help=f"anchor training to the base model on general prompts with this weight (default when given: {bare_help})",
     )
     anchor.add_argument(
         "--anchor-kind",
