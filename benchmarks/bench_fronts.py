@@ -16,7 +16,9 @@ The data, regimes and versatility sets are :mod:`benchmarks.fronts_setup`'s. Met
 ``--methods``.
 
 Then the settings on each method's front (not dominated within its own sweep) are rerun with more seeds, and the
-report (``RESULTS.md``-style markdown, JSON, a fronts PNG) compares fronts. Runs are cached in
+report (``RESULTS.md``-style markdown, JSON, a fronts PNG) compares the fronts of every cached run, whichever
+``--methods`` ran this time (so processes sharing a cache never leave a partial report; ``python -m
+benchmarks.sync_docs`` then copies its tables into the docs). Runs are cached in
 ``<name>_runs.jsonl`` and the mask importance in ``<name>_importance.safetensors`` (delete it, or pass another
 ``--name``, when the general data change), so an interrupted benchmark resumes where it stopped::
 
@@ -79,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="of the extra seeds (1 to --seeds - 1), run only these: to split them between processes sharing the cache",
     )
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the regime's)")
-    parser.add_argument("--report-only", action="store_true", help="write the report from the cached runs only")
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from the cached runs only, running nothing"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--lrs", type=float, nargs="+", default=None, help="only these learning rates (runs and extra seeds)"
@@ -179,7 +183,8 @@ def read_runs(cache: Path) -> list[dict[str, Any]]:
     return list({(r["method"], r["lr"], r["seed"]): r for r in records}.values())
 
 
-def run_all(args: argparse.Namespace, setup: Setup, cache: Path) -> list[dict[str, Any]]:
+def run_all(args: argparse.Namespace, setup: Setup, cache: Path) -> None:
+    """Run (and append to ``cache``) every chosen setting not cached yet: each once, then the extra seeds."""
     records = read_runs(cache)
     measures = {f"{name.removesuffix('_ce')}_ce_increase" for name in setup.base if name.endswith("_ce")} - {
         "held_out_ce_increase"
@@ -204,8 +209,6 @@ def run_all(args: argparse.Namespace, setup: Setup, cache: Path) -> list[dict[st
         with cache.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
 
-    if args.report_only:
-        return [r for r in records if r["method"] in args.methods]
     for method in methods:  # phase 1: every setting once (quick: the grid's ends)
         grid = args.lrs or ((method.lrs[0], method.lrs[-1]) if args.quick else method.lrs)
         for lr in args.only_lrs.get(method.name, grid):
@@ -220,27 +223,26 @@ def run_all(args: argparse.Namespace, setup: Setup, cache: Path) -> list[dict[st
             for seed in range(1, args.seeds):
                 if args.only_seeds is None or seed in args.only_seeds:
                     ensure(method, lr, seed)
-    return [r for r in records if r["method"] in args.methods]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    # what the report depends on; not which runs this invocation chose (the report covers the whole cache)
+    chosen = {"methods", "only_lrs", "only_seeds", "lrs", "report_only", "remeasure", "keep_models"}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in chosen}
     cache = args.out_dir / f"{args.name}_runs.jsonl"
     saved_setup = args.out_dir / f"{args.name}_setup.json"  # the base model's scores: a report needs no model
-    if args.report_only and not (saved_setup.is_file() and cache.is_file()):
-        raise SystemExit(f"--report-only: no cached runs at {cache} and {saved_setup}; run without it first.")
-    if args.report_only:
-        base, description = json.loads(saved_setup.read_text()).values()
-        records = [r for r in read_runs(cache) if r["method"] in args.methods]
-    else:
+    if not args.report_only:
         setup = quick_setup(args) if args.quick else real_setup(args)
-        base, description = setup.base, setup.description
-        saved_setup.write_text(json.dumps({"base": base, "description": description}, indent=1))
-        print(f"base model: {json.dumps({k: round(v, 4) for k, v in base.items()})}", flush=True)
-        records = run_all(args, setup, cache)
+        saved_setup.write_text(json.dumps({"base": setup.base, "description": setup.description}, indent=1))
+        print(f"base model: {json.dumps({k: round(v, 4) for k, v in setup.base.items()})}", flush=True)
+        run_all(args, setup, cache)
+    elif not (saved_setup.is_file() and cache.is_file()):
+        raise SystemExit(f"--report-only: no cached runs at {cache} and {saved_setup}; run without it first.")
+    base, description = json.loads(saved_setup.read_text()).values()
+    records = read_runs(cache)
     write_report(records, base, ALL_METHODS, description, settings, args.out_dir, args.name)
     print(f"wrote {args.out_dir / args.name}.md/.json/.png in {time.perf_counter() - start:.0f} s")
     return 0

@@ -17,7 +17,7 @@ already there, and each calibration's candidates are cached too::
 
     python -m benchmarks.fronts_calibration --keep-models DIR --sources cofi-update-1:0.0003 full:3e-05 \
         [--budgets 0.02] [--max-evaluations 20] [--regime heavy]
-    (then python -m benchmarks.bench_fronts --report-only --methods ... to put them in the report)
+    (then python -m benchmarks.bench_fronts --report-only [--regime heavy] to put them in the report)
 """
 
 from __future__ import annotations

@@ -217,3 +217,21 @@ def test_quick_subspace_methods_train_cofi_with_the_packages_input_subspace(tmp_
     plain, contrastive = (setup.context.subspaces[variant, 0.3] for variant in ("plain", "contrastive"))
     assert plain.metadata["kind"] == "plain" and contrastive.metadata["kind"] == "contrast"
     assert any(not torch.equal(plain[n], contrastive[n]) for n in plain)
+
+
+def test_the_report_covers_every_cached_run_whichever_methods_ran(tmp_path):
+    # two processes sharing a cache each name their own methods; either one's report shows both
+    def record(method, lr, gain):
+        scores = {"speciality_gain": gain, "retention_ce_increase": gain / 20, "held_out_ce": 5.0 - gain}
+        scores |= {"exact_match": 0.0, "general_ce_increase": 0.0}
+        sizes = {"trainable_params": 10, "checkpoint_bytes": 40, "train_seconds": 1.0}
+        return {"method": method, "lr": lr, "seed": 0, **scores, **sizes}
+
+    runs = [record("full", lr, gain) for lr, gain in ((0.1, 1.0), (0.3, 2.0))] + [record("lora-ffn", 1.0, 1.5)]
+    (tmp_path / "fronts_quick_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    base = {"held_out_ce": 5.0, "exact_match": 0.0, "general_ce": 3.0, "retention_ce": 1.0}
+    (tmp_path / "fronts_quick_setup.json").write_text(json.dumps({"base": base, "description": {"model": "tiny"}}))
+    bench_fronts.main(["--quick", "--out-dir", str(tmp_path), "--report-only", "--methods", "full"])
+    document = json.loads((tmp_path / "fronts_quick.json").read_text())
+    assert {r["method"] for r in document["rows"]} == {"full", "lora-ffn"}
+    assert "methods" not in document["settings"]  # the invocation's choice of runs is not a setting of the report
