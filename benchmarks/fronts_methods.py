@@ -162,7 +162,7 @@ def anchored(method: Method, weight: float, kind: str = "kl", every: int = 1) ->
 
 
 # Run only when named with --methods: the anchor on full fine-tuning, LoRA and CoFi at weights 1, 3, 10 and 30.
-ANCHOR_WEIGHT_GRID = (1.0, 3.0, 10.0, 30.0)  # examples/common.ANCHOR_WEIGHTS: the weights recommended
+ANCHOR_WEIGHT_GRID = (1.0, 3.0, 10.0, 30.0)  # examples/common.ANCHOR_WEIGHT: the one recommended
 ANCHORED_METHODS: list[Method] = [
     anchored(method, weight)
     for weight in ANCHOR_WEIGHT_GRID

@@ -33,15 +33,14 @@ from peft_cofi.example_model import ensure_smollm2_cache
 _TEMPORARY_OUTPUTS: list[tempfile.TemporaryDirectory] = []
 
 
-# Each adapter's anchor weight from the fronts benchmark (benchmarks/RESULTS.md): on LoRA, 10 forgot less than 3 on both
-# retention sets in both regimes, at 97-99 % of full fine-tuning's best gain; CoFi + anchor was benchmarked at 3.
-ANCHOR_WEIGHTS = {"lora": 10.0, "cofi": 3.0}
-ADAPTERS_ANCHOR = object()  # --anchor's value meaning "ANCHOR_WEIGHTS of the chosen --adapter" (the quickstart's)
+# The anchor weight from the fronts benchmark (benchmarks/RESULTS.md): on LoRA, 10 forgot less than 3 on both
+# retention sets in both regimes, at 97-99 % of full fine-tuning's best gain; on CoFi, 10 went below full fine-tuning's
+# front in both regimes where 3 only reached it.
+ANCHOR_WEIGHT = 10.0
 
 
-def parser(description: str, anchor_per_adapter: bool = False) -> argparse.ArgumentParser:
-    """The arguments every example takes; with ``anchor_per_adapter`` a bare ``--anchor`` means
-    :data:`ADAPTERS_ANCHOR`, resolved by the caller once ``--adapter`` is known."""
+def parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every example takes."""
     out = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     out.add_argument("--tiny", action="store_true", help="random tiny Llama + synthetic data (seconds, no extras)")
     out.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
@@ -52,20 +51,16 @@ def parser(description: str, anchor_per_adapter: bool = False) -> argparse.Argum
     out.add_argument(
         "--out", type=Path, default=None, help="output dir (default: a temporary dir, removed when the run ends)"
     )
-    if anchor_per_adapter:
-        bare = ADAPTERS_ANCHOR
-        bare_help = ", ".join(f"{adapter} {weight:g}" for adapter, weight in ANCHOR_WEIGHTS.items())
-    else:  # the other examples train CoFi
-        bare, bare_help = ANCHOR_WEIGHTS["cofi"], f"{ANCHOR_WEIGHTS['cofi']:g}"
     anchor = out.add_argument_group("retention anchor (peft_cofi.attach_retention_anchor)")
     anchor.add_argument(
         "--anchor",
         type=float,
         nargs="?",
-        const=bare,
+        const=ANCHOR_WEIGHT,
         default=None,
         metavar="WEIGHT",
-        help=f"anchor training to the base model on general prompts with this weight (default when given: {bare_help})",
+        help=f"anchor training to the base model on general prompts with this weight (default when given: "
+        f"{ANCHOR_WEIGHT:g})",
     )
     anchor.add_argument(
         "--anchor-kind",

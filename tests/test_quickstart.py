@@ -59,14 +59,14 @@ def test_quickstart_tiny_runs_and_reload_matches(tmp_path: Path) -> None:
     # every slow step says what it does: the evaluations before and after training, training
     for label in ("held-out loss (base model)", "train", "held-out loss (tuned)"):
         assert f"{label}: 100%" in result.stdout + result.stderr, label
-    # --adapter cofi: CoFiTune, its anchor at the weight benchmarked for it (3), saved as a weight diff (the main job)
+    # --adapter cofi: CoFiTune with the same anchor, saved as a weight diff (the main job)
     cofi = run_quickstart("--steps", "4", "--adapter", "cofi", "--out", str(tmp_path / "cofi"))
     assert cofi.returncode == 0 and "reload check: PASSED" in cofi.stdout, cofi.stdout + cofi.stderr
     assert "trainable parameters: 32,768" in cofi.stdout  # up/down_proj of layers 2-3 of 8: 2 * 2 * 64 * 128
     assert "importance: 100%" in cofi.stdout + cofi.stderr and "soft mask over" in cofi.stdout
-    assert "retention anchor: KL to the base model, weight 3" in cofi.stdout
+    assert "retention anchor: KL to the base model, weight 10" in cofi.stdout
     assert json.loads((tmp_path / "cofi" / "adapter_config.json").read_text())["peft_type"] == "COFI"
-    # an explicit weight wins over the adapter's; --no-anchor: the adapter alone
+    # an explicit weight wins; --no-anchor: the adapter alone
     chosen = run_quickstart("--steps", "2", "--anchor", "5", "--out", str(tmp_path / "chosen"))
     assert "retention anchor: KL to the base model, weight 5, on every call" in chosen.stdout, chosen.stdout
     plain = run_quickstart("--steps", "2", "--no-anchor", "--adapter", "cofi", "--out", str(tmp_path / "plain"))
@@ -76,15 +76,14 @@ def test_quickstart_tiny_runs_and_reload_matches(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "weight"),
     [
-        ([], 10.0),  # the default: LoRA with its weight
-        (["--adapter", "cofi"], 3.0),
-        (["--anchor"], 10.0),  # a bare --anchor means the chosen adapter's weight too
-        (["--anchor", "--adapter", "cofi"], 3.0),
+        ([], 10.0),  # the default: anchored at the recommended weight, whichever adapter
+        (["--adapter", "cofi"], 10.0),
+        (["--anchor"], 10.0),  # a bare --anchor means the recommended weight too
         (["--adapter", "cofi", "--anchor", "5"], 5.0),
         (["--no-anchor"], None),
     ],
 )
-def test_quickstart_anchor_weight_follows_the_adapter_unless_given(argv: list[str], weight: float | None) -> None:
+def test_quickstart_anchors_at_the_recommended_weight_unless_told(argv: list[str], weight: float | None) -> None:
     assert quickstart.parse_args(argv).anchor == weight
 
 
