@@ -33,9 +33,8 @@ from peft_cofi.example_model import ensure_smollm2_cache
 _TEMPORARY_OUTPUTS: list[tempfile.TemporaryDirectory] = []
 
 
-# The anchor weight from the fronts benchmark (benchmarks/RESULTS.md): on LoRA, 10 forgot less than 3 on both
-# retention sets in both regimes, at 97-99 % of full fine-tuning's best gain; on CoFi, 10 went below full fine-tuning's
-# front in both regimes where 3 only reached it.
+# The anchor weight from the fronts benchmark (benchmarks/RESULTS.md): 10 forgot less than 3 on both retention sets in
+# both regimes, on LoRA (three seeds, 97-99 % of full fine-tuning's best gain) and on CoFi (one seed, 1-3 % less gain).
 ANCHOR_WEIGHT = 10.0
 
 
