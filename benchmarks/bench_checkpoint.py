@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from benchmarks.tasks import RESULTS_DIR, Task, mean_loss, real_task, tiny_task, train
+from benchmarks import RESULTS_DIR
+from benchmarks.tasks import Task, mean_loss, real_task, tiny_task, train
 from peft_cofi import CoFiConfig, save_diff
 
 VARIANTS = [

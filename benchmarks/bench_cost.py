@@ -33,13 +33,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from benchmarks.tasks import RESULTS_DIR, tiny_task
+from benchmarks import RESULTS_DIR, ROOT
+from benchmarks.tasks import tiny_task
 from peft_cofi import CoFiConfig, UnitImportance, attach_retention_anchor
 from peft_cofi.anchor_data import context_length
 from peft_cofi.example_model import load_smollm2
 from peft_cofi.selection import matched_modules, resolve_selection
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = (
     "cofi-update",
     "cofi-grad",

@@ -44,12 +44,13 @@ from typing import Any
 
 import torch
 
+from benchmarks import RESULTS_DIR
 from benchmarks.anchor_prompts import ANCHOR_PROMPTS
 from benchmarks.fronts_methods import ALL_METHODS, METHODS, Method
 from benchmarks.fronts_report import front_settings, write_report
 from benchmarks.fronts_setup import REGIMES, Setup, against_base, evaluate, quick_setup, real_setup
 from benchmarks.resources import FREEDICT_ENG_FRA, WORDNET_DIR
-from benchmarks.tasks import RESULTS_DIR, train
+from benchmarks.tasks import train
 from peft_cofi import attach_retention_anchor
 
 INSTRUCTIONS = Path(__file__).resolve().parent / "general_instructions.txt"

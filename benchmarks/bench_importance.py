@@ -44,14 +44,13 @@ import torch
 import transformers
 from peft import get_peft_model
 
+from benchmarks import RESULTS_DIR, ROOT
 from peft_cofi import CoFiConfig
 from peft_cofi.example_model import load_smollm2
 from peft_cofi.plots import plot_importance_distributions, plot_importance_heatmap
 from peft_cofi.scoring import compute_importance
 from peft_cofi.targets import resolve_targets
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 WINDOW = "bottom2"
 PARTS = ("time", "memory", "heatmap")
 Batch = dict[str, torch.Tensor]
@@ -64,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="default 8 (quick 4)")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default 128; quick 32)")
     parser.add_argument("--heatmap-batches", type=int, default=16, help="batches for the heatmap (0: none)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument(
         "--parts",
         type=lambda text: text.split(","),

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import transformers
 
+from benchmarks import RESULTS_DIR
 from benchmarks.search_landscapes import grid_markdown, landscape_grid
 from peft_cofi.evaluation import loss_evaluator, retention_evaluator
 from peft_cofi.example_model import load_smollm2
@@ -42,8 +43,6 @@ from peft_cofi.search_report import plot_search, search_markdown
 from peft_cofi.search_space import FULL_DEPTH, Candidate, SearchSpace, Window
 from peft_cofi.search_trials import Trial
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 PAPER_PICK = ("ffn_up_down", Window(0.25, 0.5))
 
 
@@ -61,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--noise-seeds", type=int, default=0, help="re-score the top 3 and the paper's pick with N more seeds"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None, help="results file stem (default: search, or search_quick)")
     args = parser.parse_args(argv)
     args.budget_trials = args.budget_trials or (20 if args.quick else 14)

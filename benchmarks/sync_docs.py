@@ -21,9 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.tasks import RESULTS_DIR
+from benchmarks import RESULTS_DIR, ROOT
 
-ROOT = RESULTS_DIR.parent.parent
 BEGIN = re.compile(r"^<!-- generated: (\S+) -->$")
 END = "<!-- end generated -->"
 

@@ -15,7 +15,6 @@ import random
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,7 +31,6 @@ from benchmarks.resources import (
 )
 from peft_cofi.example_model import load_smollm2
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 Example = dict[str, list[int]]
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 import time
 
-from benchmarks.tasks import RESULTS_DIR
+from benchmarks import RESULTS_DIR
 from transformers import Trainer, TrainingArguments
 
 from examples.common import (
